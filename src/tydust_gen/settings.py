@@ -1,0 +1,215 @@
+"""Generation settings: defaults, validation, and the CLI > prompt file > default precedence.
+
+Every value a run uses is resolved here, once, into a frozen :class:`GenerationSettings`.
+Values arrive as strings (from the command line) or TOML scalars (from a prompt
+file) and are checked with messages that name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import SettingsError
+
+DEFAULT_DURATION_S = 30.0  # seconds, when neither the CLI nor the prompt file gives one
+MIN_DURATION_S = 0.1  # seconds
+MAX_DURATION_S = 600.0  # seconds; 10 minutes is ~30,000 decoding steps, hours on a CPU
+DEFAULT_WINDOW_S = 30.0  # seconds, the span MusicGen was trained on
+DEFAULT_STRIDE_S = 18.0  # seconds; each new window keeps the last 12 s as context (audiocraft's extend_stride)
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_K = 250
+DEFAULT_TOP_P = 0.0  # 0 means "off", not greedy
+DEFAULT_GUIDANCE_SCALE = 3.0
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How each next token is chosen (audiocraft's defaults).
+
+    Attributes:
+        do_sample: sample from the distribution; False means greedy (argmax).
+        temperature: > 0; divides the logits before sampling.
+        top_k: keep the k most likely tokens; 0 disables it.
+        top_p: nucleus sampling when > 0; 0.0 means *off*. As in audiocraft, a
+            positive top_p takes precedence and top_k is then not applied.
+        guidance_scale: classifier-free guidance weight; <= 1 disables guidance.
+    """
+
+    do_sample: bool = True
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides the tokens of one track, with units.
+
+    Attributes:
+        duration_s: length of the finished track in seconds.
+        seed: RNG seed (None: not reproducible).
+        window_s: longest span generated in one pass, seconds.
+        stride_s: how far each further window advances, seconds; the
+            remaining ``window_s - stride_s`` seconds are re-fed as context.
+        sampling: token sampling parameters.
+    """
+
+    duration_s: float = DEFAULT_DURATION_S
+    seed: int | None = None
+    window_s: float = DEFAULT_WINDOW_S
+    stride_s: float = DEFAULT_STRIDE_S
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+#: Keys a prompt file or the CLI may set, mapped to their parser.
+def _parse_float(name: str, value: Any, flag: str) -> float:
+    if isinstance(value, bool):
+        raise SettingsError(f"{name} must be a number, got {value!r}; e.g. {flag} 1.0")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} {value!r} is not a number; e.g. {flag} 1.0") from None
+    if not math.isfinite(number):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _parse_int(name: str, value: Any, flag: str) -> int:
+    if isinstance(value, bool):
+        raise SettingsError(f"{name} must be a whole number, got {value!r}; e.g. {flag} 42")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise SettingsError(f"{name} {value!r} is not a whole number; e.g. {flag} 42") from None
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds as a float in [MIN_DURATION_S, MAX_DURATION_S]; raises SettingsError otherwise."""
+    duration = _parse_float("duration", value, "--duration")
+    if duration <= 0:
+        raise SettingsError(f"duration must be more than 0 seconds, got {value!r}; e.g. --duration 90")
+    if duration < MIN_DURATION_S:
+        raise SettingsError(f"duration {value!r} is too short; the minimum is {MIN_DURATION_S:g} s")
+    if duration > MAX_DURATION_S:
+        raise SettingsError(
+            f"duration {value!r} is above the maximum of {MAX_DURATION_S:g} s; generate shorter tracks"
+        )
+    return duration
+
+
+def parse_seed(value: Any) -> int:
+    seed = _parse_int("seed", value, "--seed")
+    if not 0 <= seed <= MAX_SEED:
+        raise SettingsError(f"seed must be between 0 and {MAX_SEED}, got {value!r}")
+    return seed
+
+
+def parse_temperature(value: Any) -> float:
+    t = _parse_float("temperature", value, "--temperature")
+    if t <= 0:
+        raise SettingsError(f"temperature must be more than 0, got {value!r}; use --greedy for argmax decoding")
+    return t
+
+
+def parse_top_k(value: Any) -> int:
+    k = _parse_int("top_k", value, "--top-k")
+    if k < 0:
+        raise SettingsError(f"top_k must be 0 (off) or positive, got {value!r}")
+    return k
+
+
+def parse_top_p(value: Any) -> float:
+    p = _parse_float("top_p", value, "--top-p")
+    if not 0.0 <= p <= 1.0:
+        raise SettingsError(f"top_p must be between 0.0 (off) and 1.0, got {value!r}")
+    return p
+
+
+def parse_guidance(value: Any) -> float:
+    g = _parse_float("guidance_scale", value, "--guidance")
+    if g < 0:
+        raise SettingsError(f"guidance_scale must be 0 or more (1.0 or less turns guidance off), got {value!r}")
+    return g
+
+
+def parse_window(value: Any) -> float:
+    w = _parse_float("window", value, "--window")
+    if w <= 0:
+        raise SettingsError(f"window must be more than 0 seconds, got {value!r}; e.g. --window 30")
+    return w
+
+
+def parse_stride(value: Any) -> float:
+    s = _parse_float("stride", value, "--stride")
+    if s <= 0:
+        raise SettingsError(f"stride must be more than 0 seconds, got {value!r}; e.g. --stride 18")
+    return s
+
+
+def parse_do_sample(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"do_sample must be true or false, got {value!r}")
+    return value
+
+
+#: Setting name -> parser. These are the keys a prompt file may carry besides its metadata.
+SETTING_PARSERS = {
+    "duration": parse_duration,
+    "seed": parse_seed,
+    "temperature": parse_temperature,
+    "top_k": parse_top_k,
+    "top_p": parse_top_p,
+    "guidance_scale": parse_guidance,
+    "window": parse_window,
+    "stride": parse_stride,
+    "do_sample": parse_do_sample,
+}
+
+
+def resolve_settings(cli: Mapping[str, Any], prompt_file: Mapping[str, Any]) -> GenerationSettings:
+    """Merge settings with precedence CLI flag > prompt file > built-in default.
+
+    Args:
+        cli: raw values from the command line (None = not given).
+        prompt_file: already-parsed values from the track's prompt file.
+
+    Raises:
+        SettingsError: a value is malformed or the combination is impossible.
+    """
+    merged: dict[str, Any] = {}
+    for key, parser in SETTING_PARSERS.items():
+        raw = cli.get(key)
+        if raw is not None:
+            merged[key] = parser(raw)
+        elif key in prompt_file:
+            merged[key] = prompt_file[key]
+    window = merged.get("window", DEFAULT_WINDOW_S)
+    stride = merged.get("stride", DEFAULT_STRIDE_S)
+    if stride >= window:
+        raise SettingsError(
+            f"stride ({stride:g} s) must be shorter than the window ({window:g} s) so windows overlap; "
+            f"e.g. --window 30 --stride 18"
+        )
+    sampling = SamplingSettings(
+        do_sample=merged.get("do_sample", True),
+        temperature=merged.get("temperature", DEFAULT_TEMPERATURE),
+        top_k=merged.get("top_k", DEFAULT_TOP_K),
+        top_p=merged.get("top_p", DEFAULT_TOP_P),
+        guidance_scale=merged.get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
+    )
+    return GenerationSettings(
+        duration_s=merged.get("duration", DEFAULT_DURATION_S),
+        seed=merged.get("seed"),
+        window_s=window,
+        stride_s=stride,
+        sampling=sampling,
+    )

@@ -1,0 +1,123 @@
+"""A tiny, randomly initialised MusicGen saved in the real on-disk layout.
+
+Nothing here downloads. The model has the same architecture family as
+``facebook/musicgen-small`` (T5 text encoder, 4-codebook decoder, 32 kHz EnCodec
+at 50 frames per second) but a few thousand times fewer weights, so the test
+suite and ``tydust-gen doctor --selftest`` can run the whole pipeline, loading
+through ``from_pretrained`` exactly like a real checkpoint.
+
+Its audio is noise with a large DC offset; only its *shape* (sample rate, frame
+rate, lengths) matches the real model.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+#: Codebook size of the tiny model; >= 250 so the studio's top_k=250 is valid.
+TINY_CODEBOOK_SIZE = 256
+#: EnCodec hop of the real 32 kHz model: 8*5*4*4 = 640 samples -> 50 frames/s.
+TINY_UPSAMPLING_RATIOS = [8, 5, 4, 4]
+TINY_SAMPLE_RATE = 32_000  # Hz, same as musicgen-small
+TINY_MAX_POSITIONS = 2048  # decoder positions, as musicgen-small (sinusoidal: no weights)
+
+
+def _vocab() -> list[tuple[str, float]]:
+    """A small sentencepiece-style vocabulary: specials, characters, a few words."""
+    pieces = ["<pad>", "</s>", "<unk>"]
+    pieces += ["\u2581" + w for w in ("dark", "wave", "synth", "bass", "calm", "menu", "music", "intense")]
+    pieces += ["\u2581" + c for c in string.ascii_lowercase]
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
+    pieces.append("\u2581")
+    seen: dict[str, None] = {}
+    for p in pieces:
+        seen.setdefault(p, None)
+    return [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(seen)]
+
+
+def build_tiny_model(seed: int = 0):
+    """Build a tiny random ``MusicgenForConditionalGeneration`` and its processor.
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode, fp32, on the CPU.
+    """
+    import torch
+    from transformers import (
+        EncodecConfig,
+        EncodecFeatureExtractor,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        MusicgenProcessor,
+        T5Config,
+        T5Tokenizer,
+    )
+
+    tokenizer = T5Tokenizer(vocab=_vocab(), extra_ids=0)
+    text_cfg = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    audio_cfg = EncodecConfig(
+        sampling_rate=TINY_SAMPLE_RATE,
+        audio_channels=1,
+        hidden_size=16,
+        num_filters=4,
+        num_residual_layers=1,
+        upsampling_ratios=TINY_UPSAMPLING_RATIOS,
+        codebook_size=TINY_CODEBOOK_SIZE,
+        codebook_dim=16,
+        num_lstm_layers=1,
+        target_bandwidths=[2.2],  # 4 codebooks x 11 bits x 50 Hz, as musicgen-small
+        use_conv_shortcut=False,
+        normalize=False,
+    )
+    decoder_cfg = MusicgenDecoderConfig(
+        vocab_size=TINY_CODEBOOK_SIZE,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        hidden_size=32,
+        num_codebooks=4,
+        pad_token_id=TINY_CODEBOOK_SIZE,
+        bos_token_id=TINY_CODEBOOK_SIZE,
+        audio_channels=1,
+    )
+    config = MusicgenConfig(text_encoder=text_cfg, audio_encoder=audio_cfg, decoder=decoder_cfg)
+    torch.manual_seed(seed)
+    model = MusicgenForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    gen.decoder_start_token_id = TINY_CODEBOOK_SIZE
+    gen.pad_token_id = TINY_CODEBOOK_SIZE
+    gen.bos_token_id = TINY_CODEBOOK_SIZE
+    gen.do_sample = True
+    gen.guidance_scale = 3.0
+    gen.max_length = TINY_MAX_POSITIONS
+    feature_extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=TINY_SAMPLE_RATE)
+    processor = MusicgenProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    return model, processor
+
+
+def save_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model and save model + processor with ``save_pretrained``.
+
+    The directory then loads like a downloaded ``facebook/musicgen-small``
+    snapshot: ``tydust-gen TRACK --model DIR``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny_model(seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
