@@ -1,0 +1,311 @@
+"""Command line: parse, check, print, exit. All the work happens in the core modules.
+
+``tydust-gen TRACK...`` is short for ``tydust-gen generate TRACK...``. Human
+output (progress, warnings, the summary) goes to stderr; ``--json`` prints one
+machine-readable object on stdout. Expected failures print one line and exit
+with the code documented in :mod:`tydust_gen.errors`; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperGroup
+
+from . import __version__
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_TRACK_FAILED, TydustError, UsageError
+from .settings import MAX_DURATION_S
+
+DEFAULT_COMMAND = "generate"
+
+
+class _DefaultCommandGroup(TyperGroup):
+    """Route ``tydust-gen TRACK ...`` to the ``generate`` command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_DefaultCommandGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Generate game music with MusicGen: prompts/TRACK.toml → TRACK.mp3 (192k CBR) + TRACK.ogg (q6), 44.1 kHz stereo.",
+)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM so ``finally`` blocks clean up as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    raise Terminated()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"tydust-gen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Show the version."),
+) -> None:
+    """Generate game music with MusicGen."""
+
+
+class _Reporter:
+    """Everything the user sees on stderr; silent when piped (for progress) or --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.quiet = quiet
+        self.interactive = self.console.is_terminal and not quiet
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, markup=False)
+
+    def warn(self, text: str) -> None:
+        self.console.print(f"warning: {text}", markup=False, style="yellow")
+
+    def error(self, text: str) -> None:
+        self.console.print(f"error: {text}", markup=False, style="bold red")
+
+    def progress(self) -> Progress | None:
+        if not self.interactive:
+            return None
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _result_json(r) -> dict[str, Any]:
+    s = r.settings
+    return {
+        "track": r.name,
+        "ok": r.ok,
+        "error": r.error,
+        "seed": s.seed if s else None,
+        "seed_was_random": r.seed_was_random,
+        "duration_s": s.duration_s if s else None,
+        "settings": None
+        if s is None
+        else {
+            "window_s": s.window_s,
+            "stride_s": s.stride_s,
+            "do_sample": s.sampling.do_sample,
+            "temperature": s.sampling.temperature,
+            "top_k": s.sampling.top_k,
+            "top_p": s.sampling.top_p,
+            "guidance_scale": s.sampling.guidance_scale,
+        },
+        "files": [
+            {
+                "path": str(f.path),
+                "format": f.format,
+                "duration_s": round(f.duration_s, 4),
+                "size_bytes": f.size_bytes,
+                "bitrate_bps": f.bitrate_bps,
+                "sample_rate": f.sample_rate,
+                "channels": f.channels,
+                "sha256": f.sha256,
+            }
+            for f in r.files
+        ],
+        "clipped_samples": r.clipped_samples,
+        "steps": r.steps,
+        "windows": r.windows,
+        "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
+    }
+
+
+@app.command(DEFAULT_COMMAND)
+def generate_cmd(
+    tracks: List[str] = typer.Argument(..., metavar="TRACK...", help="Track names: prompts/TRACK.toml or prompts/TRACK.txt."),
+    duration: Optional[str] = typer.Option(
+        None, "--duration", "-d", help=f"Seconds of music (default: prompt file, else 30; max {MAX_DURATION_S:g})."
+    ),
+    seed: Optional[str] = typer.Option(None, "--seed", help="Seed for a reproducible take on the same device (default: random, reported)."),
+    temperature: Optional[str] = typer.Option(None, "--temperature", help="Sampling temperature, > 0 (default 1.0)."),
+    top_k: Optional[str] = typer.Option(None, "--top-k", help="Sample among the k likeliest tokens; 0 = off (default 250)."),
+    top_p: Optional[str] = typer.Option(
+        None, "--top-p", help="Nucleus sampling when > 0; 0.0 means OFF, not greedy (default 0.0). When > 0 it replaces top-k."
+    ),
+    guidance: Optional[str] = typer.Option(None, "--guidance", help="Classifier-free guidance scale; <= 1 turns it off (default 3.0)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the likeliest token instead of sampling."),
+    window: Optional[str] = typer.Option(None, "--window", help="Seconds generated per pass (default 30, the model's training span)."),
+    stride: Optional[str] = typer.Option(
+        None, "--stride", help="Seconds each further pass advances; the rest of the window is re-fed as context (default 18)."
+    ),
+    model: str = typer.Option(
+        "facebook/musicgen-small", "--model", envvar="TYDUST_MODEL", help="Hub id (uses the HF cache; honours HF_HUB_OFFLINE) or a local snapshot folder."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda or cpu."),
+    prompts_dir: Path = typer.Option(Path("prompts"), "--prompts-dir", envvar="TYDUST_PROMPTS_DIR", help="Folder of prompt files."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out-dir", "-o", help="Output folder (default assets/music/<genre>/ when the prompt file names one, else assets/music/)."
+    ),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace existing outputs (default: refuse)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary; errors only."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    """Generate tracks from their prompt files (the default command)."""
+    rep = _Reporter(quiet)
+    cli_settings = {
+        "duration": duration,
+        "seed": seed,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "guidance_scale": guidance,
+        "window": window,
+        "stride": stride,
+        "do_sample": False if greedy else None,
+    }
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code = _run(rep, tracks, cli_settings, model, device, prompts_dir, out_dir, force, as_json)
+    except TydustError as exc:
+        if debug:
+            raise
+        rep.error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        rep.error("interrupted; unfinished tracks were not written")
+        code = EXIT_SIGINT
+    except Terminated:
+        rep.error("terminated; unfinished tracks were not written")
+        code = EXIT_SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    raise typer.Exit(code)
+
+
+def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir, force, as_json) -> int:
+    from . import engine, export, pipeline
+
+    started = time.perf_counter()
+    # Everything that can fail without the model fails here, in a second.
+    plans = []
+    seen: set[str] = set()
+    for name in tracks:
+        plan = pipeline.plan_track(name, cli_settings=cli_settings, prompts_dir=prompts_dir, out_dir=out_dir, overwrite=force)
+        key = str(plan.outputs["mp3"].resolve())
+        if key in seen:
+            raise UsageError(f"track {name!r} is listed twice; name each track once")
+        seen.add(key)
+        plans.append(plan)
+    ffmpeg = export.find_ffmpeg()
+    export.check_encoders(ffmpeg)
+    device, fell_back = engine.resolve_device(device_name)
+    source = engine.resolve_source(model_ref)
+    if fell_back:
+        rep.warn("no CUDA GPU found; generating on the CPU, which is much slower")
+
+    rep.info(f"loading {model_ref} on {device.type}…")
+    t_load = time.perf_counter()
+    loaded = engine.load_model(source, device)
+    load_s = time.perf_counter() - t_load
+
+    results = []
+    for plan in plans:
+        results.append(_render_one(rep, loaded, plan, ffmpeg, force))
+    total_s = time.perf_counter() - started
+
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        payload = {
+            "ok": not failed,
+            "model": model_ref,
+            "device": str(device),
+            "load_s": round(load_s, 3),
+            "total_s": round(total_s, 3),
+            "tracks": [_result_json(r) for r in results],
+        }
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        sys.stdout.flush()
+    _summary(rep, results, total_s)
+    return EXIT_TRACK_FAILED if failed else 0
+
+
+def _render_one(rep, loaded, plan, ffmpeg, force):
+    from . import pipeline
+
+    name = plan.spec.name
+    bar = rep.progress()
+    try:
+        if bar is None:
+            result = pipeline.render_track(loaded, plan, ffmpeg=ffmpeg, overwrite=force)
+        else:
+            with bar:
+                task = bar.add_task(name, total=None)
+
+                def progress(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                result = pipeline.render_track(loaded, plan, ffmpeg=ffmpeg, progress=progress, overwrite=force)
+    except TydustError as exc:
+        # One track failing does not stop the batch; the exit code reports it.
+        rep.error(f"{name}: {exc}")
+        return pipeline.TrackResult(name=name, settings=plan.settings, seed_was_random=plan.seed_was_random, error=str(exc))
+    if result.clipped_samples:
+        total = result.files[0].duration_s * 44_100 * 2 if result.files else 1
+        rep.warn(
+            f"{name}: {result.clipped_samples} samples ({100 * result.clipped_samples / total:.2f}%) were above full scale "
+            f"(peak {result.peak:.2f}) and were clamped"
+        )
+    return result
+
+
+def _summary(rep, results, total_s: float) -> None:
+    for r in results:
+        if not r.ok:
+            rep.info(f"{r.name}: FAILED — {r.error}")
+            continue
+        seed_note = " (random)" if r.seed_was_random else ""
+        rep.info(f"{r.name}: seed {r.settings.seed}{seed_note}, {r.steps} steps in {r.windows} window(s), {r.timings['total']:.1f} s")
+        for f in r.files:
+            rep.info(
+                f"  {f.path}  {f.duration_s:.2f} s  {_human_size(f.size_bytes)}  {f.bitrate_bps / 1000:.0f} kbit/s"
+                f"{' CBR' if f.format == 'mp3' else ' nominal'}  {f.sample_rate} Hz {f.channels} ch"
+            )
+    ok = sum(r.ok for r in results)
+    rep.info(f"done: {ok}/{len(results)} track(s) in {total_s:.1f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
