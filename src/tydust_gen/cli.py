@@ -83,6 +83,8 @@ class _Reporter:
             self.console.print(text, markup=False)
 
     def warn(self, text: str) -> None:
+        if self.quiet:
+            return
         self.console.print(f"warning: {text}", markup=False, style="yellow")
 
     def error(self, text: str) -> None:
@@ -179,7 +181,7 @@ def generate_cmd(
         None, "--out-dir", "-o", help="Output folder (default assets/music/<genre>/ when the prompt file names one, else assets/music/)."
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing outputs (default: refuse)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary; errors only."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary; errors only."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:

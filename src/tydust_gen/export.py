@@ -33,6 +33,7 @@ from .generate import Waveform
 
 MP3_BITRATE = "192k"  # constant bitrate, libmp3lame
 MP3_BITRATE_BPS = 192_000
+MP3_STANDARD_BITRATES = tuple(k * 1000 for k in (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320))
 OGG_QUALITY = "6"  # libvorbis -q:a 6 (~192 kbit/s nominal)
 REQUIRED_ENCODERS = ("libmp3lame", "libvorbis")
 FFMPEG_ENV = "TYDUST_FFMPEG"
@@ -145,24 +146,34 @@ def check_encoders(ffmpeg: Ffmpeg) -> None:
 
 
 def check_output_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` if needed and prove it is writable, before any generation.
+    """Prove ``out_dir`` can be created and written, before any generation, without creating it.
+
+    Checking must leave nothing behind when a later check fails, so the folder
+    is only created by :func:`export_track`.
 
     Raises:
-        OutputDirError: it cannot be created or written.
+        OutputDirError: it, or the nearest existing folder above it, is not a writable folder.
     """
+    probe = out_dir
+    while not probe.exists():
+        if probe.is_symlink():
+            raise OutputDirError(f"output folder {out_dir} goes through a broken link {probe}; pick another --out-dir")
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if not probe.is_dir():
+        what = "is not a folder" if probe == out_dir else f"cannot be created: {probe} is not a folder"
+        raise OutputDirError(f"output folder {out_dir} {what}; pick another --out-dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write to output folder {out_dir}: {probe} is not writable; fix its permissions or pick another --out-dir")
+
+
+def _make_output_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise OutputDirError(f"output folder {out_dir} exists but is not a folder; pick another --out-dir") from None
     except OSError as exc:
         raise OutputDirError(f"cannot create output folder {out_dir}: {exc.strerror}; pick another --out-dir") from None
-    if not out_dir.is_dir():
-        raise OutputDirError(f"output folder {out_dir} is not a folder; pick another --out-dir")
-    try:
-        with tempfile.TemporaryFile(dir=out_dir, prefix=STAGING_PREFIX):
-            pass
-    except OSError as exc:
-        raise OutputDirError(f"cannot write to output folder {out_dir}: {exc.strerror}; fix its permissions or pick another --out-dir") from None
 
 
 def output_paths(out_dir: Path, name: str) -> dict[str, Path]:
@@ -302,6 +313,13 @@ def inspect_file(path: Path, fmt: str) -> ExportedFile:
     duration = float(info.length)
     if fmt == "mp3":
         duration = mp3_gapless_duration(path, int(info.sample_rate)) or duration
+        from mutagen.mp3 import BitrateMode
+
+        # mutagen derives the rate from byte and frame counts, which rounds short
+        # files to e.g. 191,990; a CBR stream's frames all carry one standard rate.
+        if info.bitrate_mode != BitrateMode.CBR:
+            raise ExportError(f"{path.name} is not constant-bitrate ({info.bitrate_mode}); this is a bug, please report it")
+        bitrate = min(MP3_STANDARD_BITRATES, key=lambda b: abs(b - bitrate))
     return ExportedFile(
         path=path,
         format=fmt,
@@ -320,7 +338,7 @@ def _verify(f: ExportedFile, expected_duration_s: float) -> None:
         problems.append(f"sample rate {f.sample_rate} Hz")
     if f.channels != TARGET_CHANNELS:
         problems.append(f"{f.channels} channels")
-    if f.format == "mp3" and abs(f.bitrate_bps - MP3_BITRATE_BPS) > MP3_BITRATE_BPS * 0.01:
+    if f.format == "mp3" and f.bitrate_bps != MP3_BITRATE_BPS:
         problems.append(f"bitrate {f.bitrate_bps} bit/s")
     if abs(f.duration_s - expected_duration_s) > DURATION_TOLERANCE_S:
         problems.append(f"duration {f.duration_s:.3f} s instead of {expected_duration_s:.3f} s")
@@ -356,6 +374,8 @@ def export_track(
         existing = [p for p in finals.values() if p.exists()]
         if existing:
             raise FileExistsError(existing[0])
+    check_output_dir(out_dir)
+    _make_output_dir(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=out_dir))
     try:
         segment = _segment(wave)

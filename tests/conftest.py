@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random MusicGen saved in the real layout, prompt folders, a CLI runner.
+
+No network and no real weights: ``HF_HUB_OFFLINE=1`` and an empty ``HF_HOME`` are
+set for every test so nothing can reach (or silently use) a hub cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from tydust_gen.cli import app  # noqa: E402
+from tydust_gen.tiny import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(monkeypatch, tmp_path_factory):
+    home = tmp_path_factory.getbasetemp() / "hf_home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("TYDUST_FFMPEG", raising=False)
+    monkeypatch.delenv("TYDUST_MODEL", raising=False)
+    monkeypatch.delenv("TYDUST_PROMPTS_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random MusicGen saved with save_pretrained, loaded by tests through --model DIR."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-musicgen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """The tiny model loaded once through the same code path the CLI uses."""
+    import torch
+
+    from tydust_gen import engine
+
+    return engine.load_model(engine.resolve_source(str(tiny_model_dir)), torch.device("cpu"))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A project folder with the shipped prompts, used as the working directory."""
+    shutil.copytree(REPO / "prompts", tmp_path / "prompts")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def run_cli(tiny_model_dir):
+    """Run the real CLI in-process; ``--model`` defaults to the tiny model unless given."""
+    runner = CliRunner()
+
+    def run(*args: str, model: bool = True, env: dict | None = None):
+        argv = list(args)
+        if model and "--model" not in argv and argv and argv[0] not in ("--help", "--version"):
+            argv += ["--model", str(tiny_model_dir)]
+        return runner.invoke(app, argv, env=env, catch_exceptions=False)
+
+    return run
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file below ``root`` (relative, sorted), hidden ones included."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def temp_leftovers(before: set[str]) -> set[str]:
+    """Entries that appeared in the system temp folder since ``before`` (pydub leaks go there)."""
+    return set(os.listdir(tempfile.gettempdir())) - before

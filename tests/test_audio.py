@@ -1,0 +1,62 @@
+"""Audio stage: 32 kHz mono → 44.1 kHz stereo, exact length, clean resampling, honest clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tydust_gen import audio
+from tydust_gen.generate import Waveform
+
+
+def tone(freq: float, seconds: float, rate: int, amp: float = 0.5, offset: float = 0.0) -> Waveform:
+    t = torch.arange(round(seconds * rate), dtype=torch.float64) / rate
+    return Waveform((amp * torch.sin(2 * math.pi * freq * t) + offset).float()[None], rate)
+
+
+def level_db(x: torch.Tensor, freq: float, rate: int) -> float:
+    """Amplitude (dB re full scale) of the spectral peak near ``freq``, Hann-windowed."""
+    n = x.shape[-1]
+    win = torch.hann_window(n, dtype=torch.float64)
+    spec = torch.fft.rfft(x.double() * win).abs() / (win.sum() / 2)
+    bin_ = round(freq * n / rate)
+    return 20 * math.log10(float(spec[max(0, bin_ - 3) : bin_ + 4].max()) + 1e-30)
+
+
+def test_prepare_gives_44k1_stereo_of_exact_length():
+    out = audio.prepare_for_export(tone(440, 2.0, 32_000), 1.37)
+    w = out.waveform
+    assert w.sample_rate == 44_100 and w.channels == 2
+    assert w.num_samples == round(1.37 * 44_100)
+    assert torch.equal(w.samples[0], w.samples[1])
+    assert out.clipped_samples == 0
+
+
+def test_resampler_suppresses_the_image_of_high_partials():
+    """A 14 kHz tone at 32 kHz must not leave an image at 18 kHz after resampling to 44.1 kHz."""
+    out = audio.resample(tone(14_000, 1.0, 32_000))
+    x = out.samples[0, 2000:-2000]
+    wanted = level_db(x, 14_000, 44_100)
+    image = level_db(x, 18_000, 44_100)
+    assert wanted > -7.0  # the tone itself survives (0.5 amplitude = -6 dB)
+    assert image - wanted < -60.0
+
+
+def test_dc_offset_is_kept_not_assumed_zero():
+    out = audio.prepare_for_export(tone(440, 1.0, 32_000, amp=0.2, offset=0.35), 1.0)
+    mean = float(out.waveform.samples.mean())
+    assert abs(mean - 0.35) < 0.01
+    assert out.clipped_samples == 0
+
+
+def test_clipping_is_counted_and_clamped():
+    out = audio.prepare_for_export(tone(440, 1.0, 32_000, amp=1.5), 1.0)
+    assert out.clipped_samples > 0 and out.peak > 1.4
+    assert float(out.waveform.samples.abs().max()) <= 1.0
+
+
+def test_pcm16_is_interleaved_full_scale():
+    w = Waveform(torch.tensor([[1.0, -1.0], [0.0, 0.5]]), 44_100)
+    pcm = torch.frombuffer(bytearray(audio.to_pcm16(w)), dtype=torch.int16).tolist()
+    assert pcm == [32767, 0, -32767, 16384]

@@ -1,0 +1,123 @@
+"""Export stage on real ffmpeg: file properties read back with mutagen, atomicity, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from mutagen.mp3 import MP3, BitrateMode
+from mutagen.oggvorbis import OggVorbis
+
+from tydust_gen import export
+from tydust_gen.errors import ExportError, FfmpegError, OutputDirError
+from tydust_gen.generate import Waveform
+
+from conftest import files_under, temp_leftovers
+
+TAGS = export.TrackTags(title="Phase 4 - Peak", genre="darkwave", comment="dark synths | seed=7 | model=tiny", bpm=124)
+
+
+def stereo(seconds: float) -> Waveform:
+    t = torch.arange(round(seconds * 44_100)) / 44_100
+    return Waveform((0.3 * torch.sin(2 * torch.pi * 220 * t)).expand(2, -1).contiguous(), 44_100)
+
+
+@pytest.fixture(scope="module")
+def ffmpeg():
+    ff = export.find_ffmpeg()
+    export.check_encoders(ff)
+    return ff
+
+
+def fake_ffmpeg(tmp_path: Path, real: str, body: str) -> str:
+    """A wrapper script standing in for ffmpeg: ``body`` runs for encode calls, the rest goes to the real one."""
+    script = tmp_path / "ffmpeg"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *" -i "*) {body} ;; esac\n'
+        f'exec "{real}" "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_files_have_the_promised_format(tmp_path, ffmpeg):
+    files = export.export_track(stereo(2.5), tmp_path, "track", TAGS, ffmpeg=ffmpeg)
+    assert [f.path.name for f in files] == ["track.mp3", "track.ogg"]
+    assert files_under(tmp_path) == ["track.mp3", "track.ogg"]
+
+    mp3 = MP3(tmp_path / "track.mp3")
+    assert mp3.info.bitrate == 192_000 and mp3.info.bitrate_mode == BitrateMode.CBR
+    assert mp3.info.sample_rate == 44_100 and mp3.info.channels == 2
+    assert abs(files[0].duration_s - 2.5) < 0.05
+    assert mp3.tags["TIT2"].text == ["Phase 4 - Peak"] and mp3.tags["TCON"].text == ["darkwave"]
+    assert mp3.tags.getall("COMM")[0].text == ["dark synths | seed=7 | model=tiny"]
+    assert mp3.tags["TBPM"].text == ["124"]
+
+    ogg = OggVorbis(tmp_path / "track.ogg")
+    assert ogg.info.sample_rate == 44_100 and ogg.info.channels == 2
+    assert abs(ogg.info.length - 2.5) < 0.05
+    assert ogg["comment"] == ["dark synths | seed=7 | model=tiny"] and ogg["genre"] == ["darkwave"]
+    assert files[1].sha256 and files[1].size_bytes == (tmp_path / "track.ogg").stat().st_size
+
+
+def test_mp3_duration_is_exact_after_removing_encoder_padding(tmp_path, ffmpeg):
+    for seconds in (0.37, 1.0, 3.21):
+        (f_mp3, _) = export.export_track(stereo(seconds), tmp_path, f"t{seconds}", TAGS, ffmpeg=ffmpeg)
+        assert abs(f_mp3.duration_s - seconds) < 0.001
+        assert MP3(f_mp3.path).info.length > seconds  # what players without gapless support see
+
+
+def test_refuses_to_overwrite_without_permission(tmp_path, ffmpeg):
+    export.export_track(stereo(0.5), tmp_path, "t", TAGS, ffmpeg=ffmpeg)
+    with pytest.raises(FileExistsError):
+        export.export_track(stereo(0.7), tmp_path, "t", TAGS, ffmpeg=ffmpeg)
+    files = export.export_track(stereo(0.7), tmp_path, "t", TAGS, ffmpeg=ffmpeg, overwrite=True)
+    assert abs(files[1].duration_s - 0.7) < 0.05
+
+
+def test_failed_encode_leaves_previous_take_and_no_temporaries(tmp_path, ffmpeg):
+    out = tmp_path / "out"
+    export.export_track(stereo(0.5), out, "t", TAGS, ffmpeg=ffmpeg)
+    before_bytes = {p: p.read_bytes() for p in out.iterdir()}
+    tmp_before = set(os.listdir(tempfile.gettempdir()))
+    # The OGG encode crashes after writing part of its output, the MP3 one succeeded first.
+    body = 'case "$*" in *libvorbis*) for a; do last="$a"; done; echo junk > "$last"; echo "simulated crash" >&2; exit 1 ;; esac'
+    broken = export.Ffmpeg(fake_ffmpeg(tmp_path, ffmpeg.path, body), "test", "fake")
+    with pytest.raises(ExportError, match="ffmpeg failed to encode t.ogg: simulated crash"):
+        export.export_track(stereo(0.9), out, "t", TAGS, ffmpeg=broken, overwrite=True)
+    assert {p: p.read_bytes() for p in out.iterdir()} == before_bytes  # byte-identical, nothing added
+    assert temp_leftovers(tmp_before) == set()
+
+
+def test_missing_ffmpeg_and_missing_encoder(tmp_path, monkeypatch, ffmpeg):
+    monkeypatch.setenv("TYDUST_FFMPEG", str(tmp_path / "nope"))
+    with pytest.raises(FfmpegError, match="does not run"):
+        export.find_ffmpeg()
+    script = tmp_path / "ffmpeg-novorbis"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *-encoders*) echo " A..... libmp3lame  MP3"; exit 0 ;; esac\n'
+        f'exec "{ffmpeg.path}" "$@"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("TYDUST_FFMPEG", str(script))
+    found = export.find_ffmpeg()
+    assert found.source == "TYDUST_FFMPEG"
+    with pytest.raises(FfmpegError, match="lacks the libvorbis encoder"):
+        export.check_encoders(found)
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="blocker/file/sub cannot be created: .*file is not a folder".replace("blocker/", "")):
+        export.check_output_dir(blocker / "sub")
+    export.check_output_dir(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    with pytest.raises(OutputDirError, match="not a folder"):
+        export.check_output_dir(blocker)
