@@ -76,6 +76,11 @@ def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def temp_leftovers(before: set[str]) -> set[str]:
-    """Entries that appeared in the system temp folder since ``before`` (pydub leaks go there)."""
-    return set(os.listdir(tempfile.gettempdir())) - before
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty system temp folder for this test, so leaks (pydub's go there) can be seen."""
+    folder = tmp_path / "system-tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

@@ -15,7 +15,7 @@ from mutagen.oggvorbis import OggVorbis
 
 from tydust_gen import engine
 
-from conftest import REPO, files_under, temp_leftovers
+from conftest import REPO, files_under
 
 PROMPT_FILES = ["prompts/game_over.txt", "prompts/menu_calm.toml", "prompts/phase3_combat.toml", "prompts/phase4_peak.toml"]
 
@@ -47,9 +47,8 @@ def no_model_load(monkeypatch):
 
 
 @pytest.mark.slow
-def test_90_second_track_end_to_end(workdir, run_cli):
+def test_90_second_track_end_to_end(workdir, run_cli, private_tmp):
     """The README's main job on the tiny model: 90 s from the prompt file, 5 windows, two verified files, nothing else."""
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
     result = run_cli("phase4_peak", "--json", "--seed", "42")
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
@@ -62,7 +61,7 @@ def test_90_second_track_end_to_end(workdir, run_cli):
     check_ogg(out / "phase4_peak.ogg", 90.0)
     comment = MP3(out / "phase4_peak.mp3").tags.getall("COMM")[0].text[0]
     assert comment.startswith("Darkwave peak intensity music") and "seed=42" in comment and "model=" in comment
-    assert temp_leftovers(tmp_before) == set()
+    assert list(private_tmp.iterdir()) == []
     assert "phase4_peak.mp3" in result.stderr and "192 kbit/s" in result.stderr
 
 

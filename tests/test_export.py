@@ -16,7 +16,7 @@ from tydust_gen import export
 from tydust_gen.errors import ExportError, FfmpegError, OutputDirError
 from tydust_gen.generate import Waveform
 
-from conftest import files_under, temp_leftovers
+from conftest import files_under
 
 TAGS = export.TrackTags(title="Phase 4 - Peak", genre="darkwave", comment="dark synths | seed=7 | model=tiny", bpm=124)
 
@@ -80,18 +80,17 @@ def test_refuses_to_overwrite_without_permission(tmp_path, ffmpeg):
     assert abs(files[1].duration_s - 0.7) < 0.05
 
 
-def test_failed_encode_leaves_previous_take_and_no_temporaries(tmp_path, ffmpeg):
+def test_failed_encode_leaves_previous_take_and_no_temporaries(tmp_path, ffmpeg, private_tmp):
     out = tmp_path / "out"
     export.export_track(stereo(0.5), out, "t", TAGS, ffmpeg=ffmpeg)
     before_bytes = {p: p.read_bytes() for p in out.iterdir()}
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
     # The OGG encode crashes after writing part of its output, the MP3 one succeeded first.
     body = 'case "$*" in *libvorbis*) for a; do last="$a"; done; echo junk > "$last"; echo "simulated crash" >&2; exit 1 ;; esac'
     broken = export.Ffmpeg(fake_ffmpeg(tmp_path, ffmpeg.path, body), "test", "fake")
     with pytest.raises(ExportError, match="ffmpeg failed to encode t.ogg: simulated crash"):
         export.export_track(stereo(0.9), out, "t", TAGS, ffmpeg=broken, overwrite=True)
     assert {p: p.read_bytes() for p in out.iterdir()} == before_bytes  # byte-identical, nothing added
-    assert temp_leftovers(tmp_before) == set()
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_missing_ffmpeg_and_missing_encoder(tmp_path, monkeypatch, ffmpeg):
