@@ -131,7 +131,7 @@ class EncodedMasterResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_audio(samples: Any) -> np.ndarray:
+def as_audio(samples: Any) -> np.ndarray:
     """Return ``samples`` as a C-contiguous float32 ``[C, N]`` array (a copy)."""
     if hasattr(samples, "detach"):  # a torch tensor, e.g. Waveform.samples
         samples = samples.detach().cpu().numpy()
@@ -193,7 +193,7 @@ def remove_dc(
     """
     from scipy.signal import butter, sosfiltfilt
 
-    audio = _as_audio(samples)
+    audio = as_audio(samples)
     audio -= audio.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
     n = audio.shape[1]
     if not 0 < cutoff_hz < sample_rate / 2:
@@ -225,7 +225,7 @@ def measure_loudness(samples: Any, sample_rate: int) -> float:
     """
     import pyloudnorm
 
-    audio = _as_audio(samples)
+    audio = as_audio(samples)
     min_len = int(math.ceil(MIN_LOUDNESS_BLOCK_S * sample_rate)) + 1
     if audio.shape[1] < min_len:
         audio = np.pad(audio, ((0, 0), (0, min_len - audio.shape[1])))
@@ -260,7 +260,7 @@ def peak_envelope(
     from scipy.signal import resample_poly
 
     del sample_rate
-    audio = _as_audio(samples)
+    audio = as_audio(samples)
     n = audio.shape[1]
     if n == 0:
         return np.zeros(0, dtype=np.float32)
@@ -303,10 +303,17 @@ def true_peak(
 # --------------------------------------------------------------------------- limiter
 
 
-def _hann_kernel(length: int) -> np.ndarray:
-    """Positive weights summing to 1: averaging with them cannot exceed the window's max."""
-    kernel = np.hanning(length + 2)[1:-1]
-    return kernel / kernel.sum()
+def _moving_average(x: np.ndarray, length: int) -> np.ndarray:
+    """Causal moving average: ``out[k] = mean(x[k - length + 1 .. k])`` (first samples: shorter window).
+
+    Positive weights summing to 1, so the result never exceeds the window's maximum.
+    """
+    csum = np.cumsum(np.concatenate(([0.0], x)))
+    out = np.empty_like(x)
+    out[length - 1 :] = (csum[length:] - csum[:-length]) / length
+    head = np.arange(1, min(length - 1, x.size) + 1)
+    out[: head.size] = csum[1 : head.size + 1] / head
+    return out
 
 
 def limiter_gain(
@@ -323,8 +330,9 @@ def limiter_gain(
     The required gain ``min(1, ceiling / envelope)`` (also covering the
     intersample peak just before each sample) is held at its minimum over the
     look-ahead window, allowed to recover exponentially in dB with time
-    constant ``release_s``, and finally smoothed by a Hann-weighted average
-    over the look-ahead window. Averaging a curve that is already at or below
+    constant ``release_s``, and finally smoothed by two cascaded moving
+    averages that together span the look-ahead window (a triangular,
+    raised-corner attack). Averaging a curve that is already at or below
     the requirement over the whole window before each peak can only stay at
     or below it, so the peak is honoured while the gain glides down over the
     look-ahead instead of stepping (no clicks, no distortion from the attack).
@@ -341,7 +349,6 @@ def limiter_gain(
         float32 ``[N]`` gain in (0, 1].
     """
     from scipy.ndimage import minimum_filter1d
-    from scipy.signal import oaconvolve
 
     env = np.asarray(envelope, dtype=np.float64)
     n = env.size
@@ -374,10 +381,10 @@ def limiter_gain(
     released = np.exp(idx * log_a + np.maximum.accumulate(log_d - idx * log_a))
     gain = 10.0 ** (-released / 20.0)
 
-    # attack: causal Hann average over the look-ahead window ending at each sample
-    kernel = _hann_kernel(look)
-    smooth = oaconvolve(gain, kernel, mode="full")[: padded.size]
-    smooth[: look - 1] = gain[: look - 1]  # warm-up region lies in the padding; keep it defined
+    # attack: two causal moving averages of (look+1)/2 samples span exactly the
+    # look-ahead window ending at each sample, giving a triangular gain ramp
+    half = (look + 1) // 2
+    smooth = _moving_average(_moving_average(gain, half), half)
     return np.minimum(smooth[pad : pad + n], 1.0).astype(np.float32)
 
 
@@ -386,44 +393,46 @@ def limit_true_peak(
     sample_rate: int,
     ceiling_dbtp: float,
     *,
+    envelope: np.ndarray | None = None,
     lookahead_s: float = LIMITER_LOOKAHEAD_S,
     release_s: float = LIMITER_RELEASE_S,
     circular: bool = False,
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float, float]:
     """Look-ahead true-peak limiter (stereo-linked).
 
     Args:
         samples: ``[C, N]`` audio.
         sample_rate: Hz.
         ceiling_dbtp: the true peak of the output will not exceed this, dBTP.
+        envelope: ``[N]`` :func:`peak_envelope` of ``samples`` if already known
+            (saves one oversampled scan).
         lookahead_s: attack / look-ahead window, s.
         release_s: release time constant, s.
         circular: loop playback (gain and peaks wrap around).
 
     Returns:
-        ``(limited [C, N] float32, max_gain_reduction_db)``. The output's true
+        ``(limited [C, N] float32, max_gain_reduction_db, output_true_peak_dbtp)``. The output's true
         peak is at or below the ceiling: the gain curve is computed on the
         oversampled envelope, and if the gain's own modulation still leaves an
         intersample overshoot, a final static trim removes it.
     """
-    audio = _as_audio(samples)
+    audio = as_audio(samples)
     ceiling = db_to_gain(ceiling_dbtp)
-    env = peak_envelope(audio, oversample=TRUE_PEAK_OVERSAMPLE, circular=circular)
+    env = envelope if envelope is not None else peak_envelope(audio, circular=circular)
     if env.size == 0 or env.max() <= ceiling:
-        return audio, 0.0
+        return audio, 0.0, gain_to_db(float(env.max(initial=0.0)))
     gain = limiter_gain(
         env, ceiling, sample_rate, lookahead_s=lookahead_s, release_s=release_s, circular=circular
     )
     out = audio * gain[np.newaxis, :]
     # the gain's own modulation can leave a few hundredths of a dB; trim it statically
-    for _ in range(3):
-        peak = float(peak_envelope(out, oversample=TRUE_PEAK_OVERSAMPLE, circular=circular).max())
-        if peak <= ceiling:
-            break
-        trim = ceiling / peak * (1.0 - 1e-6)
-        out *= np.float32(trim)
-        gain = gain * np.float32(trim)
-    return out, -gain_to_db(float(gain.min()))
+    peak = float(peak_envelope(out, circular=circular).max())
+    while peak > ceiling:
+        trim = np.float32(ceiling / peak * (1.0 - 1e-6))
+        out *= trim
+        gain = gain * trim
+        peak = float(peak_envelope(out, circular=circular).max())
+    return out, -gain_to_db(float(gain.min())), gain_to_db(peak)
 
 
 # --------------------------------------------------------------------------- mastering
@@ -486,7 +495,7 @@ def master(
     if target_lufs is not None and not -70.0 <= target_lufs <= 0.0:
         raise SettingsError(f"target loudness must be between -70 and 0 LUFS, got {target_lufs}")
 
-    raw = _as_audio(samples)
+    raw = as_audio(samples)
     dc = tuple(float(v) for v in raw.mean(axis=1, dtype=np.float64))
     if highpass_hz is None:
         audio = raw - raw.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
@@ -494,12 +503,18 @@ def master(
         audio = remove_dc(raw, sample_rate, cutoff_hz=highpass_hz, circular=circular)
 
     in_lufs = measure_loudness(audio, sample_rate)
-    in_tp = true_peak(audio, circular=circular)
+    in_env = peak_envelope(audio, circular=circular)
+    in_tp = gain_to_db(float(in_env.max(initial=0.0)))
     limit_db = ceiling_dbtp - margin_db
 
-    def done(out: np.ndarray, gain_db: float, reduction_db: float, out_lufs: float | None = None) -> MasterResult:
-        if out_lufs is None:
-            out_lufs = measure_loudness(out, sample_rate)
+    def done(
+        out: np.ndarray, gain_db: float, reduction_db: float,
+        out_lufs: float | None = None, out_tp: float | None = None,
+    ) -> MasterResult:  # fmt: skip
+        if out_lufs is None:  # static gain: loudness and peak move by exactly gain_db
+            out_lufs = in_lufs + gain_db
+        if out_tp is None:
+            out_tp = true_peak(out, circular=circular)
         reached = target_lufs is None or abs(out_lufs - target_lufs) <= LOUDNESS_TOLERANCE_LU + 0.1
         return MasterResult(
             samples=np.ascontiguousarray(out, dtype=np.float32),
@@ -510,7 +525,7 @@ def master(
             gain_db=gain_db,
             limiter_max_reduction_db=reduction_db,
             output_lufs=out_lufs,
-            output_true_peak_dbtp=true_peak(out, circular=circular),
+            output_true_peak_dbtp=out_tp,
             target_lufs=target_lufs,
             ceiling_dbtp=ceiling_dbtp,
             margin_db=margin_db,
@@ -538,13 +553,14 @@ def master(
     # the limiter; the shortfall is added to the gain and the pass repeated.
     max_gain_db = static_fit_db + max_limiting_db
     gain_db = min(gain_db, max_gain_db)
-    best: tuple[float, np.ndarray, float, float] | None = None
+    best: tuple[float, np.ndarray, float, float, float] | None = None
     for _ in range(LIMITER_MAX_PASSES):
-        limited, reduction_db = limit_true_peak(
-            audio * np.float32(db_to_gain(gain_db)), sample_rate, limit_db, circular=circular
+        g = db_to_gain(gain_db)
+        limited, reduction_db, out_tp = limit_true_peak(
+            audio * np.float32(g), sample_rate, limit_db, envelope=in_env * np.float32(g), circular=circular
         )
         out_lufs = measure_loudness(limited, sample_rate)
-        best = (gain_db, limited, reduction_db, out_lufs)
+        best = (gain_db, limited, reduction_db, out_lufs, out_tp)
         shortfall = target_lufs - out_lufs
         if abs(shortfall) <= LOUDNESS_TOLERANCE_LU:
             break
@@ -553,8 +569,8 @@ def master(
             break
         gain_db = next_gain
     assert best is not None
-    gain_db, limited, reduction_db, out_lufs = best
-    return done(limited, gain_db, reduction_db, out_lufs)
+    gain_db, limited, reduction_db, out_lufs, out_tp = best
+    return done(limited, gain_db, reduction_db, out_lufs, out_tp)
 
 
 # --------------------------------------------------------------------------- encoded files
@@ -763,7 +779,7 @@ def apply_fades(
         SettingsError: a fade is negative or not finite, or the two fades
             together are longer than the track.
     """
-    audio = _as_audio(samples)
+    audio = as_audio(samples)
     n = audio.shape[1]
     for name, value in (("fade-in", fade_in_s), ("fade-out", fade_out_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
