@@ -273,8 +273,10 @@ def peak_envelope(
     padded = np.pad(audio, ((0, 0), (pad, pad)), mode=mode)
     for channel in padded:
         up = resample_poly(channel, oversample, 1).astype(np.float32, copy=False)
-        up = np.abs(up[pad * oversample : (pad + n) * oversample]).reshape(n, oversample)
-        np.maximum(env, up.max(axis=1), out=env)
+        up = np.abs(up[pad * oversample : (pad + n) * oversample])
+        # strided maxima: numpy reduces a tiny trailing axis (reshape(n, 4).max(1)) ~10x slower
+        for phase in range(oversample):
+            np.maximum(env, up[phase::oversample], out=env)
     return env
 
 
