@@ -67,6 +67,7 @@ ENCODED_SAMPLE_RATE = 44_100  # Hz; rate encoded files are decoded at for measur
 ENCODED_CHANNELS = 2
 
 _SILENCE_DB = -math.inf
+_STATIC_FIT_GUARD_DB = 1e-4  # dB; float32 rounding of a gain that lands exactly on the ceiling
 
 
 @dataclass(frozen=True)
@@ -333,8 +334,8 @@ def limiter_gain(
     intersample peak just before each sample) is held at its minimum over the
     look-ahead window, allowed to recover exponentially in dB with time
     constant ``release_s``, and finally smoothed by two cascaded moving
-    averages that together span the look-ahead window (a triangular,
-    raised-corner attack). Averaging a curve that is already at or below
+    averages that together span the look-ahead window (a triangular kernel,
+    so the gain falls along a smooth S-shaped ramp). Averaging a curve that is already at or below
     the requirement over the whole window before each peak can only stay at
     or below it, so the peak is honoured while the gain glides down over the
     look-ahead instead of stepping (no clicks, no distortion from the attack).
@@ -539,14 +540,15 @@ def master(
 
     if target_lufs is None or not math.isfinite(in_lufs):
         # loudness off (or below the gate): only keep the peaks under the ceiling
-        gain_db = min(0.0, limit_db - in_tp)
+        gain_db = min(0.0, limit_db - in_tp - _STATIC_FIT_GUARD_DB)
         return done(audio * np.float32(db_to_gain(gain_db)), gain_db, 0.0)
 
     gain_db = target_lufs - in_lufs
     if in_tp + gain_db <= limit_db:
         return done(audio * np.float32(db_to_gain(gain_db)), gain_db, 0.0)
 
-    static_fit_db = limit_db - in_tp  # loudest gain with no limiting at all
+    # loudest gain with no limiting at all; the hair below keeps float32 rounding under the ceiling
+    static_fit_db = limit_db - in_tp - _STATIC_FIT_GUARD_DB
     if not limiter or max_limiting_db == 0:
         return done(audio * np.float32(db_to_gain(static_fit_db)), static_fit_db, 0.0)
 
