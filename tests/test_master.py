@@ -118,7 +118,7 @@ def test_bad_settings_raise(kwargs):
 def test_ceiling_margin_for():
     assert ceiling_margin_for(-1.2, -1.0, 0.3) is None
     assert ceiling_margin_for(-1.0, -1.0, 0.3) is None
-    assert ceiling_margin_for(-0.8, -1.0, 0.3) == pytest.approx(0.3 + 0.2 + 0.05)
+    assert ceiling_margin_for(-0.8, -1.0, 0.3) == pytest.approx(0.3 + 0.2 + 0.1)
 
 
 def test_encoded_mp3_and_ogg_meet_the_ceiling(encoded_loop):
