@@ -105,3 +105,16 @@ def test_master_circular_smoke():
     result = master(loop.samples, SR, target_lufs=-11.0, circular=True)
     assert result.limiter_max_reduction_db > 0
     assert seam_metric(result.samples, SR).passed
+
+
+def test_seam_metric_catches_a_chord_jump_without_a_click():
+    # chord A, a slow 1 s blend, chord B; every partial completes whole cycles in 4 s, so the
+    # wrap B -> A lines up sample-wise (no click) but the harmony jumps
+    t = np.arange(4 * SR) / SR
+    chord_a = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 277.25, 329.5)) / 3
+    chord_b = sum(np.sin(2 * np.pi * f * t) for f in (196.0, 246.75, 392.0)) / 3
+    blend = np.clip((t - 1.5) / 1.0, 0.0, 1.0)
+    x = 0.3 * (np.cos(np.pi / 2 * blend) * chord_a + np.sin(np.pi / 2 * blend) * chord_b)
+    report = seam_metric(np.stack([x, x]), SR)
+    assert report.step_score <= report.step_threshold
+    assert report.flux > report.flux_threshold and not report.passed
