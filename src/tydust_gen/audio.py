@@ -4,12 +4,12 @@ Resampling uses torchaudio's windowed-sinc resampler with a Kaiser window and a
 rolloff below the default: the default rolloff (0.99) lets a −6 dBc image of
 high partials through; these parameters push it to about −131 dBc at the same
 speed (measured, see FACTS.md). MusicGen output is not zero-mean (the tiny test
-model has a large DC offset), so nothing here assumes it is.
+model has a large DC offset), so nothing here assumes it is; the mastering
+stage (``master.py``) removes DC and keeps true peaks under a ceiling, so
+nothing is clamped here.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from .generate import Waveform
 
@@ -20,26 +20,6 @@ RESAMPLE_LOWPASS_WIDTH = 64
 RESAMPLE_ROLLOFF = 0.9475937167399596
 RESAMPLE_BETA = 14.769656459379492
 PCM_MAX = 32767  # int16 full scale
-
-
-@dataclass(frozen=True)
-class PreparedAudio:
-    """Audio ready for export.
-
-    Attributes:
-        waveform: float32 ``[2, N]`` at 44.1 kHz, clamped to [-1, 1].
-        clipped_samples: how many samples were outside [-1, 1] before clamping.
-        peak: largest absolute sample value before clamping (linear).
-    """
-
-    waveform: Waveform
-    clipped_samples: int
-    peak: float
-
-    @property
-    def clipped_fraction(self) -> float:
-        total = self.waveform.samples.numel()
-        return self.clipped_samples / total if total else 0.0
 
 
 def resample(wave: Waveform, rate: int = TARGET_SAMPLE_RATE) -> Waveform:
@@ -82,19 +62,9 @@ def fit_length(wave: Waveform, duration_s: float) -> Waveform:
     return Waveform(samples=samples.contiguous(), sample_rate=wave.sample_rate)
 
 
-def prepare_for_export(wave: Waveform, duration_s: float) -> PreparedAudio:
-    """32 kHz mono model output → 44.1 kHz stereo of exactly ``duration_s`` seconds.
-
-    Samples beyond full scale are clamped and counted, never wrapped: the caller
-    reports the count so clipping is never silent.
-    """
-    out = fit_length(to_stereo(resample(wave)), duration_s)
-    samples = out.samples
-    peak = float(samples.abs().max()) if samples.numel() else 0.0
-    clipped = int((samples.abs() > 1.0).sum())
-    if clipped:
-        samples = samples.clamp(-1.0, 1.0)
-    return PreparedAudio(Waveform(samples=samples, sample_rate=out.sample_rate), clipped, peak)
+def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
+    """32 kHz mono model output → float32 ``[2, N]`` at 44.1 kHz, N = round(duration_s × 44,100); not clamped."""
+    return fit_length(to_stereo(resample(wave)), duration_s)
 
 
 def to_pcm16(wave: Waveform) -> bytes:

@@ -147,7 +147,11 @@ def _result_json(r) -> dict[str, Any]:
             }
             for f in r.files
         ],
-        "clipped_samples": r.clipped_samples,
+        "take": r.take,
+        "takes": r.takes,
+        "loudness": r.loudness,
+        "loop": r.loop,
+        "preview": str(r.preview) if r.preview else None,
         "steps": r.steps,
         "windows": r.windows,
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
@@ -180,6 +184,21 @@ def generate_cmd(
     out_dir: Optional[Path] = typer.Option(
         None, "--out-dir", "-o", help="Output folder (default assets/music/<genre>/ when the prompt file names one, else assets/music/)."
     ),
+    loudness: Optional[str] = typer.Option(
+        None, "--loudness", help="Integrated loudness target in LUFS, or 'off' (default -14). Peaks still respect --true-peak."
+    ),
+    true_peak: Optional[str] = typer.Option(
+        None, "--true-peak", help="True-peak ceiling in dBTP, checked on the decoded MP3 and OGG (default -1.0)."
+    ),
+    fade_in: Optional[str] = typer.Option(None, "--fade-in", help="Equal-power fade-in, seconds (default 0)."),
+    fade_out: Optional[str] = typer.Option(None, "--fade-out", help="Equal-power fade-out, seconds (default 0)."),
+    loop: bool = typer.Option(
+        False, "--loop", help="Seamless loop of exactly --duration; LOOPSTART/LOOPLENGTH tags in the OGG. No fades."
+    ),
+    variations: Optional[str] = typer.Option(
+        None, "--variations", "-n", help="Takes generated in one batch, written as TRACK_v1, TRACK_v2... (default 1)."
+    ),
+    preview: bool = typer.Option(False, "--preview", help="Also write TRACK.png: waveform and spectrogram (needs matplotlib)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing outputs (default: refuse)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary; errors only."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result on stdout."),
@@ -197,6 +216,13 @@ def generate_cmd(
         "window": window,
         "stride": stride,
         "do_sample": False if greedy else None,
+        "loudness": loudness,
+        "true_peak": true_peak,
+        "fade_in": fade_in,
+        "fade_out": fade_out,
+        "loop": True if loop else None,
+        "variations": variations,
+        "preview": True if preview else None,
     }
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -245,7 +271,7 @@ def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir
 
     results = []
     for plan in plans:
-        results.append(_render_one(rep, loaded, plan, ffmpeg, force))
+        results.extend(_render_one(rep, loaded, plan, ffmpeg, force))
     total_s = time.perf_counter() - started
 
     failed = [r for r in results if not r.ok]
@@ -271,7 +297,7 @@ def _render_one(rep, loaded, plan, ffmpeg, force):
     bar = rep.progress()
     try:
         if bar is None:
-            result = pipeline.render_track(loaded, plan, ffmpeg=ffmpeg, overwrite=force)
+            takes = pipeline.render_takes(loaded, plan, ffmpeg=ffmpeg, overwrite=force)
         else:
             with bar:
                 task = bar.add_task(name, total=None)
@@ -279,18 +305,20 @@ def _render_one(rep, loaded, plan, ffmpeg, force):
                 def progress(done: int, total: int) -> None:
                     bar.update(task, completed=done, total=total)
 
-                result = pipeline.render_track(loaded, plan, ffmpeg=ffmpeg, progress=progress, overwrite=force)
+                takes = pipeline.render_takes(loaded, plan, ffmpeg=ffmpeg, progress=progress, overwrite=force)
     except TydustError as exc:
         # One track failing does not stop the batch; the exit code reports it.
         rep.error(f"{name}: {exc}")
-        return pipeline.TrackResult(name=name, settings=plan.settings, seed_was_random=plan.seed_was_random, error=str(exc))
-    if result.clipped_samples:
-        total = result.files[0].duration_s * 44_100 * 2 if result.files else 1
-        rep.warn(
-            f"{name}: {result.clipped_samples} samples ({100 * result.clipped_samples / total:.2f}%) were above full scale "
-            f"(peak {result.peak:.2f}) and were clamped"
-        )
-    return result
+        return [pipeline.TrackResult(name=name, settings=plan.settings, seed_was_random=plan.seed_was_random, error=str(exc))]
+    for r in takes:
+        if r.loudness and not r.loudness["ceiling_met"]:
+            rep.warn(f"{r.name}: the encoded files peak above {r.loudness['ceiling_dbtp']:g} dBTP after 3 tries")
+        if r.loudness and not r.loudness["target_reached"]:
+            rep.warn(
+                f"{r.name}: reached {r.loudness['output_lufs']} LUFS, not {r.loudness['target_lufs']:g}, "
+                f"within the {r.loudness['ceiling_dbtp']:g} dBTP ceiling"
+            )
+    return takes
 
 
 def _summary(rep, results, total_s: float) -> None:
@@ -299,7 +327,16 @@ def _summary(rep, results, total_s: float) -> None:
             rep.info(f"{r.name}: FAILED — {r.error}")
             continue
         seed_note = " (random)" if r.seed_was_random else ""
-        rep.info(f"{r.name}: seed {r.settings.seed}{seed_note}, {r.steps} steps in {r.windows} window(s), {r.timings['total']:.1f} s")
+        take_note = f", take {r.take}/{r.takes}" if r.takes > 1 else ""
+        rep.info(f"{r.name}: seed {r.settings.seed}{seed_note}{take_note}, {r.steps} steps in {r.windows} window(s), {r.timings['total']:.1f} s")
+        if r.loudness:
+            peaks = ", ".join(f"{k} {v} dBTP" for k, v in r.loudness["encoded_true_peak_dbtp"].items())
+            rep.info(f"  loudness {r.loudness['output_lufs']} LUFS, true peak {peaks}")
+        if r.loop:
+            verdict = "seamless" if r.loop.get("seam_passed") else "audible seam"
+            rep.info(f"  loop: LOOPSTART={r.loop['loop_start']} LOOPLENGTH={r.loop['loop_length']} ({verdict})")
+        if r.preview:
+            rep.info(f"  {r.preview}")
         for f in r.files:
             rep.info(
                 f"  {f.path}  {f.duration_s:.2f} s  {_human_size(f.size_bytes)}  {f.bitrate_bps / 1000:.0f} kbit/s"

@@ -346,6 +346,91 @@ def _verify(f: ExportedFile, expected_duration_s: float) -> None:
         raise ExportError(f"{f.path.name} came out wrong ({', '.join(problems)}); this is a bug, please report it")
 
 
+class Staging:
+    """A private folder inside the destination where one track's files are built.
+
+    Use as a context manager: the folder (pydub's temporary WAV and encoder
+    output, our encoded files, any extras) is removed on exit, success or not.
+    :meth:`encode` may run several times (the mastering stage re-encodes until
+    the decoded files meet the true-peak ceiling); :meth:`publish` verifies the
+    staged files and moves them into place with ``os.replace``.
+    """
+
+    def __init__(self, out_dir: Path, name: str, *, ffmpeg: Ffmpeg):
+        self.out_dir = out_dir
+        self.name = name
+        self.ffmpeg = ffmpeg
+        self.path: Path | None = None
+        self._extras: list[Path] = []
+
+    def __enter__(self) -> "Staging":
+        check_output_dir(self.out_dir)
+        _make_output_dir(self.out_dir)
+        self.path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{self.name}-", dir=self.out_dir))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def staged(self, fmt: str) -> Path:
+        """Where the staged ``fmt`` ("mp3", "ogg") file of this track lives."""
+        assert self.path is not None, "use Staging as a context manager"
+        return self.path / f"{self.name}.{fmt}"
+
+    def encode(self, wave: Waveform, tags: TrackTags) -> list[Path]:
+        """Encode and tag ``wave`` (float ``[2, N]`` at 44.1 kHz) as staged MP3 and OGG; returns their paths."""
+        if wave.sample_rate != TARGET_SAMPLE_RATE or wave.channels != TARGET_CHANNELS:
+            raise ValueError(f"export needs 44.1 kHz stereo, got {wave.sample_rate} Hz x {wave.channels}")
+        assert self.path is not None, "use Staging as a context manager"
+        segment = _segment(wave)
+        paths = []
+        with _temporaries_in(self.path):
+            for fmt in ("mp3", "ogg"):
+                dest = self.staged(fmt)
+                _encode(segment, self.ffmpeg, fmt, dest)
+                try:
+                    write_tags(dest, fmt, tags)
+                except Exception as exc:  # noqa: BLE001 - mutagen raises many types
+                    raise ExportError(f"could not tag {dest.name}: {exc}") from exc
+                paths.append(dest)
+        return paths
+
+    def add_extra(self, filename: str) -> Path:
+        """Reserve a staged path for a file published beside the audio (e.g. a preview PNG)."""
+        assert self.path is not None, "use Staging as a context manager"
+        extra = self.path / filename
+        self._extras.append(extra)
+        return extra
+
+    def publish(self, expected_duration_s: float, *, overwrite: bool = False) -> list[ExportedFile]:
+        """Verify the staged MP3 and OGG, then move them (and extras) into the destination.
+
+        Returns:
+            ``[mp3, ogg]`` as read back before the move, with their final paths.
+
+        Raises:
+            ExportError: a file is not as promised, or the move failed.
+            FileExistsError: an output exists and ``overwrite`` is False.
+        """
+        finals = output_paths(self.out_dir, self.name)
+        if not overwrite:
+            existing = [p for p in finals.values() if p.exists()]
+            if existing:
+                raise FileExistsError(existing[0])
+        staged = {fmt: inspect_file(self.staged(fmt), fmt) for fmt in ("mp3", "ogg")}
+        for f in staged.values():
+            _verify(f, expected_duration_s)
+        moves = [(staged[fmt].path, finals[fmt]) for fmt in ("mp3", "ogg")]
+        moves += [(extra, self.out_dir / extra.name) for extra in self._extras if extra.exists()]
+        for src, dest in moves:
+            try:
+                os.replace(src, dest)
+            except OSError as exc:
+                raise ExportError(f"could not move {dest.name} into {self.out_dir}: {exc.strerror}") from exc
+        return [ExportedFile(**{**staged[fmt].__dict__, "path": finals[fmt]}) for fmt in ("mp3", "ogg")]
+
+
 def export_track(
     wave: Waveform,
     out_dir: Path,
@@ -367,36 +452,10 @@ def export_track(
         ExportError: encoding, tagging, verification or the final move failed.
         FileExistsError: an output exists and ``overwrite`` is False.
     """
-    if wave.sample_rate != TARGET_SAMPLE_RATE or wave.channels != TARGET_CHANNELS:
-        raise ValueError(f"export needs 44.1 kHz stereo, got {wave.sample_rate} Hz x {wave.channels}")
-    finals = output_paths(out_dir, name)
     if not overwrite:
-        existing = [p for p in finals.values() if p.exists()]
+        existing = [p for p in output_paths(out_dir, name).values() if p.exists()]
         if existing:
             raise FileExistsError(existing[0])
-    check_output_dir(out_dir)
-    _make_output_dir(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=out_dir))
-    try:
-        segment = _segment(wave)
-        staged: dict[str, ExportedFile] = {}
-        with _temporaries_in(staging):
-            for fmt in ("mp3", "ogg"):
-                dest = staging / finals[fmt].name
-                _encode(segment, ffmpeg, fmt, dest)
-                try:
-                    write_tags(dest, fmt, tags)
-                except Exception as exc:  # noqa: BLE001
-                    raise ExportError(f"could not tag {dest.name}: {exc}") from exc
-                staged[fmt] = inspect_file(dest, fmt)
-                _verify(staged[fmt], wave.duration_s)
-        for fmt in ("mp3", "ogg"):
-            try:
-                os.replace(staged[fmt].path, finals[fmt])
-            except OSError as exc:
-                raise ExportError(f"could not move {finals[fmt].name} into {out_dir}: {exc.strerror}") from exc
-        return [
-            ExportedFile(**{**staged[fmt].__dict__, "path": finals[fmt]}) for fmt in ("mp3", "ogg")
-        ]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with Staging(out_dir, name, ffmpeg=ffmpeg) as staging:
+        staging.encode(wave, tags)
+        return staging.publish(wave.duration_s, overwrite=overwrite)

@@ -14,14 +14,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from . import audio, export, generate
 from .engine import LoadedModel
 from .errors import UsageError
-from .generate import CodeBackend, ProgressCallback
+from .generate import CodeBackend, ProgressCallback, Waveform
 from .prompts import TrackSpec, load_track
-from .settings import MAX_SEED, GenerationSettings, resolve_settings
+from .variations import variation_names
+from .settings import MAX_SEED, GenerationSettings, MasteringSettings, resolve_mastering, resolve_settings
 
 DEFAULT_OUTPUT_ROOT = Path("assets/music")
+PREVIEW_SUFFIX = ".png"
 RANDOM_SEED_BITS = 31  # seeds picked for the user fit in a signed 32-bit int, easy to retype
 
 
@@ -34,7 +38,9 @@ class TrackPlan:
         settings: resolved settings (seed always set: picked at random when not given).
         seed_was_random: True when tydust-gen picked the seed.
         out_dir: destination folder.
-        outputs: ``{"mp3": path, "ogg": path}``.
+        outputs: ``{"mp3": path, "ogg": path}`` of the first take.
+        mastering: loudness, fades, loop, variations, preview.
+        takes: output base names, one per variation (``[name]`` for one take).
     """
 
     spec: TrackSpec
@@ -42,6 +48,8 @@ class TrackPlan:
     seed_was_random: bool
     out_dir: Path
     outputs: dict[str, Path]
+    mastering: MasteringSettings = field(default_factory=MasteringSettings)
+    takes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -53,11 +61,15 @@ class TrackResult:
         files: the verified outputs (empty when the track failed).
         settings: the settings actually used.
         timings: seconds per stage: encode_text+generate ("generate"), "decode", "audio", "export", "total".
-        clipped_samples: samples clamped at full scale (0 = no clipping).
-        peak: largest absolute sample before clamping (linear).
         steps: decoding steps run.
         windows: generation passes.
         error: the one-line error when the track failed.
+        take: 1-based index of this take among ``takes`` variations.
+        takes: how many takes were generated together (one batch, one seed).
+        loudness: measured loudness/peak figures (LUFS, dBTP) before and after mastering,
+            and the true peak of each decoded output file.
+        loop: loop points (samples at 44.1 kHz) and seam figures, in loop mode.
+        preview: the PNG written beside the audio, if asked for.
     """
 
     name: str
@@ -65,11 +77,14 @@ class TrackResult:
     settings: GenerationSettings | None = None
     seed_was_random: bool = False
     timings: dict[str, float] = field(default_factory=dict)
-    clipped_samples: int = 0
-    peak: float = 0.0
     steps: int = 0
     windows: int = 0
     error: str | None = None
+    take: int = 1
+    takes: int = 1
+    loudness: dict[str, Any] | None = None
+    loop: dict[str, Any] | None = None
+    preview: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,23 +113,30 @@ def plan_track(
     """
     spec = load_track(name, prompts_dir)
     settings = resolve_settings(cli_settings, spec.settings)
+    mastering = resolve_mastering(cli_settings, spec.settings, settings.duration_s)
     seed_was_random = settings.seed is None
     if seed_was_random:
         settings = replace(settings, seed=secrets.randbelow(2**RANDOM_SEED_BITS))
     assert settings.seed is not None and 0 <= settings.seed <= MAX_SEED
     dest = out_dir if out_dir is not None else default_out_dir(spec)
     export.check_output_dir(dest)
-    outputs = export.output_paths(dest, spec.name)
+    takes = tuple(variation_names(spec.name, mastering.variations))
+    outputs = export.output_paths(dest, takes[0])
     if not overwrite:
-        existing = [p for p in outputs.values() if p.exists()]
-        if existing:
-            raise UsageError(f"{existing[0]} already exists; pass --force to replace it")
-    return TrackPlan(spec, settings, seed_was_random, dest, outputs)
+        for take in takes:
+            candidates = list(export.output_paths(dest, take).values())
+            if mastering.preview:
+                candidates.append(dest / f"{take}{PREVIEW_SUFFIX}")
+            existing = [p for p in candidates if p.exists()]
+            if existing:
+                raise UsageError(f"{existing[0]} already exists; pass --force to replace it")
+    return TrackPlan(spec, settings, seed_was_random, dest, outputs, mastering, takes)
 
 
-def comment_for(plan: TrackPlan, model_ref: str) -> str:
-    """The comment tag: prompt, seed and model, so a file says how it was made."""
-    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model_ref}"
+def comment_for(plan: TrackPlan, model_ref: str, take: int = 1) -> str:
+    """The comment tag: prompt, seed and model (and take of a batch), so a file says how it was made."""
+    batch = f" | take={take}/{len(plan.takes)}" if len(plan.takes) > 1 else ""
+    return f"{plan.spec.prompt} | seed={plan.settings.seed}{batch} | model={model_ref}"
 
 
 def render_track(
@@ -126,39 +148,143 @@ def render_track(
     progress: ProgressCallback | None = None,
     overwrite: bool = False,
 ) -> TrackResult:
-    """Generate, process and export one planned track.
+    """Generate, master and export a planned single-take track (see :func:`render_takes`)."""
+    return render_takes(loaded, plan, ffmpeg=ffmpeg, backend=backend, progress=progress, overwrite=overwrite)[0]
+
+
+def render_takes(
+    loaded: LoadedModel,
+    plan: TrackPlan,
+    *,
+    ffmpeg: export.Ffmpeg,
+    backend: CodeBackend | None = None,
+    progress: ProgressCallback | None = None,
+    overwrite: bool = False,
+) -> list[TrackResult]:
+    """Generate all takes of a planned track in one batch, then master and export each.
+
+    Stages: text encoding and windowed generation (all takes at once) →
+    EnCodec decode → 44.1 kHz stereo → DC removal → loop folding or fades →
+    loudness/true-peak mastering checked on the encoded files → verified MP3 +
+    OGG (+ loop tags, + preview) moved into place.
 
     Raises:
-        TrackError subclasses (GenerationError, ExportError) on failure; the
-        destination folder is unchanged then.
+        TrackError subclasses (GenerationError, ExportError) on failure; files of
+        takes already exported stay, the failing take leaves nothing behind.
     """
-    result = TrackResult(name=plan.spec.name, settings=plan.settings, seed_was_random=plan.seed_was_random)
+    from . import loop as loop_stage
+    from . import master as master_stage
+
+    m = plan.mastering
+    gen_duration = plan.settings.duration_s + (loop_stage.DEFAULT_LOOP_OVERRUN_S if m.loop else 0.0)
+    gen_settings = replace(plan.settings, duration_s=gen_duration)
     t0 = time.perf_counter()
-    cond = generate.encode_text(loaded, [plan.spec.prompt], plan.settings.sampling.guidance_scale)
-    codes, windows, steps = generate.generate_codes(loaded, cond, plan.settings, backend=backend, progress=progress)
+    prompts = [plan.spec.prompt] * len(plan.takes)
+    cond = generate.encode_text(loaded, prompts, plan.settings.sampling.guidance_scale)
+    codes, windows, steps = generate.generate_codes(loaded, cond, gen_settings, backend=backend, progress=progress)
     t1 = time.perf_counter()
     waves = generate.decode_codes(loaded, codes)
     t2 = time.perf_counter()
-    prepared = audio.prepare_for_export(waves[0], plan.settings.duration_s)
-    t3 = time.perf_counter()
-    tags = export.TrackTags(
-        title=plan.spec.title, genre=plan.spec.genre, comment=comment_for(plan, loaded.source.ref), bpm=plan.spec.bpm
-    )
-    try:
-        files = export.export_track(prepared.waveform, plan.out_dir, plan.spec.name, tags, ffmpeg=ffmpeg, overwrite=overwrite)
-    except FileExistsError as exc:
-        raise UsageError(f"{exc.args[0]} appeared while generating; pass --force to replace it") from None
-    t4 = time.perf_counter()
-    result.files = files
-    result.clipped_samples = prepared.clipped_samples
-    result.peak = prepared.peak
-    result.steps = steps
-    result.windows = len(windows)
-    result.timings = {
-        "generate": t1 - t0,
-        "decode": t2 - t1,
-        "audio": t3 - t2,
-        "export": t4 - t3,
-        "total": t4 - t0,
-    }
-    return result
+    # Generation and decoding run once for the whole batch of takes; each take reports the batch time.
+    per_take_shared = {"generate": t1 - t0, "decode": t2 - t1}
+
+    results = []
+    for index, (take, wave) in enumerate(zip(plan.takes, waves), start=1):
+        ta = time.perf_counter()
+        stereo = audio.to_44k1_stereo(wave, gen_duration)
+        sr = stereo.sample_rate
+        raw = stereo.samples.numpy()
+        dc_offset = [_num(v) for v in raw.mean(axis=1)]
+        # DC goes before loop folding and fades: fading an offset makes a thump.
+        x = master_stage.remove_dc(raw, sr)
+        loop_info = None
+        if m.loop:
+            n = loop_stage.loop_length_samples(plan.settings.duration_s, sr)
+            folded = loop_stage.make_loop(x, sr, n)
+            # The same audio cut hard at N, for comparison: what the loop folding saves.
+            naive = loop_stage.seam_metric(loop_stage.naive_loop(x, n), sr)
+            x = folded.samples
+            loop_info = {"loop_start": int(folded.loop_start), "loop_length": int(folded.loop_length),
+                         "source_offset": int(folded.source_offset), "crossfade_samples": int(folded.crossfade_samples),
+                         "correlation": _num(folded.correlation)}  # fmt: skip
+            loop_info.update({f"naive_cut_{k}": _num(v) for k, v in naive.__dict__.items()})
+        elif m.fade_in_s or m.fade_out_s:
+            x = master_stage.apply_fades(x, sr, fade_in_s=m.fade_in_s, fade_out_s=m.fade_out_s)
+        tb = time.perf_counter()
+        tags = export.TrackTags(
+            title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
+            genre=plan.spec.genre,
+            comment=comment_for(plan, loaded.source.ref, take=index),
+            bpm=plan.spec.bpm,
+        )
+        try:
+            with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
+
+                def encode(result) -> list[Path]:
+                    return staging.encode(Waveform(_tensor(result.samples), sr), tags)
+
+                mastered = master_stage.master_for_encoding(
+                    x, sr, encode, target_lufs=m.loudness_lufs, ceiling_dbtp=m.true_peak_dbtp, circular=m.loop
+                )
+                if m.loop:
+                    loop_stage.write_loop_tags(staging.staged("ogg"), loop_info["loop_start"], loop_info["loop_length"])
+                    seam = loop_stage.seam_metric(mastered.master.samples, sr)
+                    loop_info.update({f"seam_{k}": _num(v) for k, v in seam.__dict__.items()})
+                preview_path = None
+                if m.preview:
+                    from .preview import render_preview
+
+                    staged_png = staging.add_extra(f"{take}{PREVIEW_SUFFIX}")
+                    render_preview(mastered.master.samples, sr, staged_png, title=f"{take}",
+                                   loop_seam=loop_info["loop_length"] if loop_info else None)  # fmt: skip
+                    preview_path = plan.out_dir / staged_png.name
+                files = staging.publish(plan.settings.duration_s, overwrite=overwrite)
+        except FileExistsError as exc:
+            raise UsageError(f"{exc.args[0]} appeared while generating; pass --force to replace it") from None
+        tc = time.perf_counter()
+        mr = mastered.master
+        result = TrackResult(
+            name=take,
+            files=files,
+            settings=plan.settings,
+            seed_was_random=plan.seed_was_random,
+            steps=steps,
+            windows=len(windows),
+            take=index,
+            takes=len(plan.takes),
+            loop=loop_info,
+            preview=preview_path,
+            loudness={
+                "target_lufs": m.loudness_lufs,
+                "ceiling_dbtp": m.true_peak_dbtp,
+                "input_lufs": _num(mr.input_lufs),
+                "input_true_peak_dbtp": _num(mr.input_true_peak_dbtp),
+                "dc_offset": dc_offset,
+                "gain_db": _num(mr.gain_db),
+                "limiter_max_reduction_db": _num(mr.limiter_max_reduction_db),
+                "output_lufs": _num(mr.output_lufs),
+                "output_true_peak_dbtp": _num(mr.output_true_peak_dbtp),
+                "encoded_true_peak_dbtp": {f.format: _num(p) for f, p in zip(files, mastered.encoded_true_peaks_dbtp)},
+                "encode_tries": mastered.tries,
+                "target_reached": mr.target_reached,
+                "ceiling_met": mastered.ceiling_met,
+            },
+        )
+        result.timings = {**per_take_shared, "audio": tb - ta, "master_export": tc - tb}
+        result.timings["total"] = sum(result.timings.values())
+        results.append(result)
+    return results
+
+
+def _tensor(samples: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+
+
+def _num(value: Any) -> Any:
+    """Floats for JSON: round, and map the infinities of silence to None."""
+    if isinstance(value, (bool, int)) or value is None:
+        return value
+    value = float(value)
+    return round(value, 4) if np.isfinite(value) else None

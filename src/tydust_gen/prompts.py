@@ -19,6 +19,13 @@ A track ``NAME`` is ``<prompts dir>/NAME.toml`` or ``<prompts dir>/NAME.txt``.
       window = 30                   # seconds per generation pass
       stride = 18                   # seconds each further pass advances
       do_sample = true
+      loudness = -14                # LUFS, or "off"
+      true_peak = -1.0              # dBTP ceiling on the encoded files
+      fade_in = 0.0                 # seconds, equal-power
+      fade_out = 2.0                # seconds, equal-power
+      loop = false                  # seamless loop with LOOPSTART/LOOPLENGTH tags
+      variations = 1                # takes in one batched generation
+      preview = false               # also write NAME.png
 
 Unknown keys and malformed TOML are errors naming the file and line. Having both
 ``NAME.toml`` and ``NAME.txt`` is an error too: which one wins would be a guess.
@@ -33,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PromptError, SettingsError
-from .settings import SETTING_PARSERS
+from .settings import MASTERING_PARSERS, SETTING_PARSERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +50,7 @@ else:  # pragma: no cover
 PROMPT_SUFFIXES = (".toml", ".txt")
 DEFAULT_PROMPTS_DIR = "prompts"
 METADATA_KEYS = ("prompt", "title", "genre", "folder", "bpm")
-ALLOWED_KEYS = METADATA_KEYS + tuple(SETTING_PARSERS)
+ALLOWED_KEYS = METADATA_KEYS + tuple(SETTING_PARSERS) + tuple(MASTERING_PARSERS)
 _TRACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -175,7 +182,7 @@ def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> Trac
     if bpm is not None and (isinstance(bpm, bool) or not isinstance(bpm, (int, float)) or not 1 <= bpm <= 999):
         raise PromptError(f"{path}: bpm must be a number between 1 and 999, got {bpm!r}")
     settings: dict[str, Any] = {}
-    for key, parser in SETTING_PARSERS.items():
+    for key, parser in {**SETTING_PARSERS, **MASTERING_PARSERS}.items():
         if key in data:
             try:
                 settings[key] = parser(data[key])

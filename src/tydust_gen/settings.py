@@ -213,3 +213,123 @@ def resolve_settings(cli: Mapping[str, Any], prompt_file: Mapping[str, Any]) -> 
         stride_s=stride,
         sampling=sampling,
     )
+
+
+# ----------------------------------------------------------------- mastering (issue 4)
+
+DEFAULT_LOUDNESS_LUFS = -14.0  # LUFS integrated (BS.1770); None turns normalisation off
+DEFAULT_TRUE_PEAK_DBTP = -1.0  # dBTP, measured on the decoded MP3 and OGG
+MIN_LOUDNESS_LUFS = -70.0  # LUFS; quieter targets are silence for all practical purposes
+MAX_VARIATIONS = 99  # takes per track in one command
+_OFF_WORDS = {"off", "none", "no", "false"}
+
+
+@dataclass(frozen=True)
+class MasteringSettings:
+    """How generated audio is made game-ready.
+
+    Attributes:
+        loudness_lufs: integrated loudness target, LUFS; None = leave loudness alone
+            (peaks above the ceiling are still brought down).
+        true_peak_dbtp: ceiling for the true peak of the *encoded* files, dBTP.
+        fade_in_s: equal-power fade-in length, seconds (0 = none).
+        fade_out_s: equal-power fade-out length, seconds (0 = none).
+        loop: make a seamless loop of exactly the duration (no fades allowed).
+        variations: takes generated in one batch (1 = a single take).
+        preview: also write ``NAME.png`` (waveform + spectrogram).
+    """
+
+    loudness_lufs: float | None = DEFAULT_LOUDNESS_LUFS
+    true_peak_dbtp: float = DEFAULT_TRUE_PEAK_DBTP
+    fade_in_s: float = 0.0
+    fade_out_s: float = 0.0
+    loop: bool = False
+    variations: int = 1
+    preview: bool = False
+
+
+def parse_loudness(value: Any) -> float | None:
+    if isinstance(value, str) and value.strip().lower() in _OFF_WORDS:
+        return None
+    lufs = _parse_float("loudness", value, "--loudness")
+    if not MIN_LOUDNESS_LUFS <= lufs <= 0:
+        raise SettingsError(f"loudness must be between {MIN_LOUDNESS_LUFS:g} and 0 LUFS (or 'off'), got {value!r}; e.g. --loudness -14")
+    return lufs
+
+
+def parse_true_peak(value: Any) -> float:
+    dbtp = _parse_float("true_peak", value, "--true-peak")
+    if not -20.0 <= dbtp <= 0.0:
+        raise SettingsError(f"true_peak must be between -20 and 0 dBTP, got {value!r}; e.g. --true-peak -1")
+    return dbtp
+
+
+def _parse_fade(name: str, flag: str):
+    def parse(value: Any) -> float:
+        seconds = _parse_float(name, value, flag)
+        if seconds < 0:
+            raise SettingsError(f"{name} must be 0 or more seconds, got {value!r}")
+        return seconds
+
+    return parse
+
+
+def parse_bool(name: str):
+    def parse(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{name} must be true or false, got {value!r}")
+        return value
+
+    return parse
+
+
+def parse_variations(value: Any) -> int:
+    n = _parse_int("variations", value, "--variations")
+    if not 1 <= n <= MAX_VARIATIONS:
+        raise SettingsError(f"variations must be between 1 and {MAX_VARIATIONS}, got {value!r}")
+    return n
+
+
+#: Mastering keys a prompt file may carry (same names as the CLI flags, with underscores).
+MASTERING_PARSERS = {
+    "loudness": parse_loudness,
+    "true_peak": parse_true_peak,
+    "fade_in": _parse_fade("fade_in", "--fade-in"),
+    "fade_out": _parse_fade("fade_out", "--fade-out"),
+    "loop": parse_bool("loop"),
+    "variations": parse_variations,
+    "preview": parse_bool("preview"),
+}
+
+
+def resolve_mastering(cli: Mapping[str, Any], prompt_file: Mapping[str, Any], duration_s: float) -> MasteringSettings:
+    """Merge mastering settings (CLI > prompt file > default) and check they fit a track of ``duration_s``."""
+    merged: dict[str, Any] = {}
+    for key, parser in MASTERING_PARSERS.items():
+        raw = cli.get(key)
+        if raw is not None:
+            merged[key] = parser(raw)
+        elif key in prompt_file:
+            merged[key] = prompt_file[key]
+    m = MasteringSettings(
+        loudness_lufs=merged.get("loudness", DEFAULT_LOUDNESS_LUFS),
+        true_peak_dbtp=merged.get("true_peak", DEFAULT_TRUE_PEAK_DBTP),
+        fade_in_s=merged.get("fade_in", 0.0),
+        fade_out_s=merged.get("fade_out", 0.0),
+        loop=merged.get("loop", False),
+        variations=merged.get("variations", 1),
+        preview=merged.get("preview", False),
+    )
+    if m.loop and (m.fade_in_s or m.fade_out_s):
+        raise SettingsError("a loop cannot fade in or out (the fade would be heard at every repeat); drop --fade-in/--fade-out or --loop")
+    if m.fade_in_s + m.fade_out_s > duration_s:
+        raise SettingsError(
+            f"fades of {m.fade_in_s:g} s + {m.fade_out_s:g} s are longer than the {duration_s:g} s track; shorten them"
+        )
+    if m.loop and duration_s < 2.0:
+        raise SettingsError(f"a loop needs at least 2 s (got {duration_s:g} s); use a longer --duration")
+    if m.loudness_lufs is not None and m.loudness_lufs > m.true_peak_dbtp:
+        raise SettingsError(
+            f"loudness {m.loudness_lufs:g} LUFS above the {m.true_peak_dbtp:g} dBTP ceiling can't be reached; lower --loudness"
+        )
+    return m

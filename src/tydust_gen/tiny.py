@@ -6,8 +6,8 @@ at 50 frames per second) but a few thousand times fewer weights, so the test
 suite and ``tydust-gen doctor --selftest`` can run the whole pipeline, loading
 through ``from_pretrained`` exactly like a real checkpoint.
 
-Its audio is noise with a large DC offset; only its *shape* (sample rate, frame
-rate, lengths) matches the real model.
+Its audio is noise with a large DC offset that changes with the tokens; only
+its *shape* (sample rate, frame rate, lengths) matches the real model.
 """
 
 from __future__ import annotations
@@ -97,6 +97,14 @@ def build_tiny_model(seed: int = 0):
     config = MusicgenConfig(text_encoder=text_cfg, audio_encoder=audio_cfg, decoder=decoder_cfg)
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(config).eval()
+    # EnCodec's codebooks are buffers that start at zero (they are learned by k-means
+    # in training); left so, every code decodes to the same vector and the audio would
+    # not depend on the tokens at all. Random codebooks make different tokens sound different.
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_(0.0, 1.0)
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
+            layer.codebook.cluster_size.fill_(1.0)
     gen = model.generation_config
     gen.decoder_start_token_id = TINY_CODEBOOK_SIZE
     gen.pad_token_id = TINY_CODEBOOK_SIZE

@@ -1,0 +1,103 @@
+"""Game-ready outputs through the real CLI on the tiny model: loudness, true peak, fades, loops, variations, preview."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tydust_gen import loop as loop_stage
+from tydust_gen import master
+
+from conftest import files_under
+
+
+def run_json(run_cli, *args):
+    result = run_cli(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["tracks"]
+
+
+def test_default_loudness_and_true_peak_measured_on_the_encoded_files(workdir, run_cli):
+    (track,) = run_json(run_cli, "game_over", "-d", "4", "--seed", "3", "-o", "out")
+    lo = track["loudness"]
+    assert lo["target_lufs"] == -14.0 and lo["ceiling_dbtp"] == -1.0
+    assert abs(lo["output_lufs"] + 14.0) <= 0.5 and lo["target_reached"] and lo["ceiling_met"]
+    for fmt in ("mp3", "ogg"):
+        path = workdir / "out" / f"game_over.{fmt}"
+        decoded = master.decode_audio(path)
+        assert master.true_peak(decoded, 44_100) <= -1.0 + 1e-6
+        assert abs(master.measure_loudness(decoded, 44_100) + 14.0) <= 0.5
+        assert abs(lo["encoded_true_peak_dbtp"][fmt] - master.true_peak(decoded, 44_100)) < 0.05
+    assert abs(np.mean(master.decode_audio(workdir / "out/game_over.ogg"))) < 0.01  # the tiny model's DC is gone
+    assert abs(lo["dc_offset"][0]) > 0.1
+
+
+def test_custom_loudness_and_off(workdir, run_cli):
+    (quiet,) = run_json(run_cli, "game_over", "-d", "3", "--loudness", "-23", "--true-peak", "-3", "-o", "a")
+    assert abs(quiet["loudness"]["output_lufs"] + 23) <= 0.5
+    assert max(quiet["loudness"]["encoded_true_peak_dbtp"].values()) <= -3.0
+    (off,) = run_json(run_cli, "game_over", "-d", "3", "--loudness", "off", "-o", "b")
+    assert off["loudness"]["target_lufs"] is None
+    assert off["loudness"]["gain_db"] <= 0.0  # never made louder, only kept under the ceiling
+
+
+def test_fades_shape_the_start_and_end(workdir, run_cli):
+    run_json(run_cli, "game_over", "-d", "3", "--fade-in", "1", "--fade-out", "1", "-o", "out")
+    x = master.decode_audio(workdir / "out/game_over.ogg")[0]
+    rms = lambda a: float(np.sqrt(np.mean(a**2)))  # noqa: E731
+    middle = rms(x[int(1.2 * 44_100) : int(1.8 * 44_100)])
+    assert rms(x[:441]) < 0.1 * middle  # first 10 ms nearly silent
+    assert rms(x[-441:]) < 0.1 * middle  # last 10 ms nearly silent
+    assert rms(x[: int(0.25 * 44_100)]) < rms(x[int(0.5 * 44_100) : int(0.75 * 44_100)]) < middle * 1.2
+
+
+def test_loop_mode_writes_loop_points_and_a_seamless_wrap(workdir, run_cli):
+    (track,) = run_json(run_cli, "menu_calm", "-d", "4", "--loop", "--seed", "2", "-o", "out")
+    lp = track["loop"]
+    assert lp["loop_start"] == 0 and lp["loop_length"] == 4 * 44_100
+    assert lp["seam_passed"] is True
+    assert lp["seam_step_score"] <= lp["seam_step_threshold"] and lp["seam_flux"] <= lp["seam_flux_threshold"]
+    assert "naive_cut_passed" in lp  # the hard cut of the same audio is measured beside it
+    tags = loop_stage.read_loop_tags(workdir / "out/menu_calm.ogg")
+    assert (tags.start, tags.length) == (0, 4 * 44_100)
+    decoded = master.decode_audio(workdir / "out/menu_calm.ogg")
+    assert decoded.shape[1] == 4 * 44_100  # OGG is sample-exact: the loop length is the file length
+    assert loop_stage.seam_metric(decoded, 44_100).passed
+
+
+def test_variations_give_distinct_takes_with_their_seed(workdir, run_cli):
+    takes = run_json(run_cli, "game_over", "-d", "1", "-n", "3", "--seed", "5", "-o", "out")
+    assert [t["track"] for t in takes] == ["game_over_v1", "game_over_v2", "game_over_v3"]
+    assert [(t["take"], t["takes"], t["seed"]) for t in takes] == [(1, 3, 5), (2, 3, 5), (3, 3, 5)]
+    assert files_under(workdir / "out") == [f"game_over_v{i}.{ext}" for i in (1, 2, 3) for ext in ("mp3", "ogg")]
+    hashes = {f["sha256"] for t in takes for f in t["files"]}
+    assert len(hashes) == 6
+    audio = [master.decode_audio(workdir / f"out/game_over_v{i}.ogg") for i in (1, 2, 3)]
+    assert not np.allclose(audio[0], audio[1], atol=1e-3) and not np.allclose(audio[1], audio[2], atol=1e-3)
+
+
+def test_preview_png_beside_the_audio(workdir, run_cli):
+    (track,) = run_json(run_cli, "game_over", "-d", "1", "--preview", "-o", "out")
+    png = workdir / "out/game_over.png"
+    assert track["preview"] == "out/game_over.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert files_under(workdir / "out") == ["game_over.mp3", "game_over.ogg", "game_over.png"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--loop", "--fade-out", "2"], "a loop cannot fade in or out"),
+        (["-d", "2", "--fade-in", "1.5", "--fade-out", "1"], "longer than the 2 s track"),
+        (["--loudness", "loud"], "loudness 'loud' is not a number"),
+        (["--loudness", "-0.5", "--true-peak", "-1"], "can't be reached; lower --loudness"),
+        (["-n", "0"], "variations must be between 1 and 99"),
+        (["--fade-in", "-1"], "fade_in must be 0 or more seconds"),
+    ],
+)
+def test_bad_mastering_options(workdir, run_cli, args, message):
+    result = run_cli("game_over", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
