@@ -305,7 +305,12 @@ def _render_one(rep, loaded, plan, ffmpeg, force):
                 def progress(done: int, total: int) -> None:
                     bar.update(task, completed=done, total=total)
 
-                takes = pipeline.render_takes(loaded, plan, ffmpeg=ffmpeg, progress=progress, overwrite=force)
+                def stage(what: str) -> None:
+                    bar.update(task, description=f"{name}: {what}")
+
+                takes = pipeline.render_takes(
+                    loaded, plan, ffmpeg=ffmpeg, progress=progress, stage=stage, overwrite=force
+                )
     except TydustError as exc:
         # One track failing does not stop the batch; the exit code reports it.
         rep.error(f"{name}: {exc}")

@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -159,6 +159,7 @@ def render_takes(
     ffmpeg: export.Ffmpeg,
     backend: CodeBackend | None = None,
     progress: ProgressCallback | None = None,
+    stage: Callable[[str], None] | None = None,
     overwrite: bool = False,
 ) -> list[TrackResult]:
     """Generate all takes of a planned track in one batch, then master and export each.
@@ -168,6 +169,9 @@ def render_takes(
     loudness/true-peak mastering checked on the encoded files → verified MP3 +
     OGG (+ loop tags, + preview) moved into place.
 
+    ``stage(name)`` is called as each stage starts ("generating", "decoding",
+    "mastering", "encoding") so a front end can say what is happening.
+
     Raises:
         TrackError subclasses (GenerationError, ExportError) on failure; files of
         takes already exported stay, the failing take leaves nothing behind.
@@ -176,6 +180,8 @@ def render_takes(
     from . import master as master_stage
 
     m = plan.mastering
+    announce = stage or (lambda name: None)
+    announce("generating")
     gen_duration = plan.settings.duration_s + (loop_stage.DEFAULT_LOOP_OVERRUN_S if m.loop else 0.0)
     gen_settings = replace(plan.settings, duration_s=gen_duration)
     t0 = time.perf_counter()
@@ -183,6 +189,7 @@ def render_takes(
     cond = generate.encode_text(loaded, prompts, plan.settings.sampling.guidance_scale)
     codes, windows, steps = generate.generate_codes(loaded, cond, gen_settings, backend=backend, progress=progress)
     t1 = time.perf_counter()
+    announce("decoding")
     waves = generate.decode_codes(loaded, codes)
     t2 = time.perf_counter()
     # Generation and decoding run once for the whole batch of takes; each take reports the batch time.
@@ -191,6 +198,7 @@ def render_takes(
     results = []
     for index, (take, wave) in enumerate(zip(plan.takes, waves), start=1):
         ta = time.perf_counter()
+        announce("mastering" if len(plan.takes) == 1 else f"mastering take {index}")
         stereo = audio.to_44k1_stereo(wave, gen_duration)
         sr = stereo.sample_rate
         raw = stereo.samples.numpy()
@@ -211,6 +219,7 @@ def render_takes(
         elif m.fade_in_s or m.fade_out_s:
             x = master_stage.apply_fades(x, sr, fade_in_s=m.fade_in_s, fade_out_s=m.fade_out_s)
         tb = time.perf_counter()
+        announce("encoding" if len(plan.takes) == 1 else f"encoding take {index}")
         tags = export.TrackTags(
             title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
             genre=plan.spec.genre,
@@ -273,6 +282,7 @@ def render_takes(
         result.timings = {**per_take_shared, "audio": tb - ta, "master_export": tc - tb}
         result.timings["total"] = sum(result.timings.values())
         results.append(result)
+    announce("done")
     return results
 
 
