@@ -155,10 +155,27 @@ def parse_stride(value: Any) -> float:
     return s
 
 
-def parse_do_sample(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise SettingsError(f"do_sample must be true or false, got {value!r}")
-    return value
+def parse_bool(name: str):
+    """A parser for a true/false setting (prompt files only: CLI flags are already booleans)."""
+
+    def parse(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{name} must be true or false, got {value!r}")
+        return value
+
+    return parse
+
+
+def _merge(cli: Mapping[str, Any], prompt_file: Mapping[str, Any], parsers: Mapping[str, Any]) -> dict[str, Any]:
+    """Values by precedence: a CLI value (parsed here) beats the prompt file's (already parsed)."""
+    merged: dict[str, Any] = {}
+    for key, parser in parsers.items():
+        raw = cli.get(key)
+        if raw is not None:
+            merged[key] = parser(raw)
+        elif key in prompt_file:
+            merged[key] = prompt_file[key]
+    return merged
 
 
 #: Setting name -> parser. These are the keys a prompt file may carry besides its metadata.
@@ -171,7 +188,7 @@ SETTING_PARSERS = {
     "guidance_scale": parse_guidance,
     "window": parse_window,
     "stride": parse_stride,
-    "do_sample": parse_do_sample,
+    "do_sample": parse_bool("do_sample"),
 }
 
 
@@ -185,13 +202,7 @@ def resolve_settings(cli: Mapping[str, Any], prompt_file: Mapping[str, Any]) -> 
     Raises:
         SettingsError: a value is malformed or the combination is impossible.
     """
-    merged: dict[str, Any] = {}
-    for key, parser in SETTING_PARSERS.items():
-        raw = cli.get(key)
-        if raw is not None:
-            merged[key] = parser(raw)
-        elif key in prompt_file:
-            merged[key] = prompt_file[key]
+    merged = _merge(cli, prompt_file, SETTING_PARSERS)
     window = merged.get("window", DEFAULT_WINDOW_S)
     stride = merged.get("stride", DEFAULT_STRIDE_S)
     if stride >= window:
@@ -274,15 +285,6 @@ def _parse_fade(name: str, flag: str):
     return parse
 
 
-def parse_bool(name: str):
-    def parse(value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise SettingsError(f"{name} must be true or false, got {value!r}")
-        return value
-
-    return parse
-
-
 def parse_variations(value: Any) -> int:
     n = _parse_int("variations", value, "--variations")
     if not 1 <= n <= MAX_VARIATIONS:
@@ -304,13 +306,7 @@ MASTERING_PARSERS = {
 
 def resolve_mastering(cli: Mapping[str, Any], prompt_file: Mapping[str, Any], duration_s: float) -> MasteringSettings:
     """Merge mastering settings (CLI > prompt file > default) and check they fit a track of ``duration_s``."""
-    merged: dict[str, Any] = {}
-    for key, parser in MASTERING_PARSERS.items():
-        raw = cli.get(key)
-        if raw is not None:
-            merged[key] = parser(raw)
-        elif key in prompt_file:
-            merged[key] = prompt_file[key]
+    merged = _merge(cli, prompt_file, MASTERING_PARSERS)
     m = MasteringSettings(
         loudness_lufs=merged.get("loudness", DEFAULT_LOUDNESS_LUFS),
         true_peak_dbtp=merged.get("true_peak", DEFAULT_TRUE_PEAK_DBTP),
