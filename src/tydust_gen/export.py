@@ -25,8 +25,9 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from . import children, faults
 from .audio import TARGET_CHANNELS, TARGET_SAMPLE_RATE, to_pcm16
 from .errors import ExportError, FfmpegError, OutputDirError
 from .generate import Waveform
@@ -210,8 +211,10 @@ def _encode(segment, ffmpeg: Ffmpeg, fmt: str, dest: Path) -> None:
     else:
         kwargs = dict(format="ogg", codec="libvorbis", parameters=["-q:a", OGG_QUALITY, *common])
     try:
-        handle = segment.export(str(dest), **kwargs)
+        with children.reaped():
+            handle = segment.export(str(dest), **kwargs)
         handle.close()
+        faults.maybe_fail_write(fmt, dest)
     except CouldntEncodeError as exc:
         text = str(exc)
         tool_err = text.split("Output from ffmpeg/avlib:", 1)[-1].strip().splitlines()
@@ -346,6 +349,18 @@ def _verify(f: ExportedFile, expected_duration_s: float) -> None:
         raise ExportError(f"{f.path.name} came out wrong ({', '.join(problems)}); this is a bug, please report it")
 
 
+def _write_staged(path: Path, content: bytes) -> Path:
+    try:
+        with open(path, "wb") as f:
+            f.write(content)
+            faults.maybe_fail_write(path.suffix.lstrip("."), path)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ExportError(f"could not write {path.name}: {exc.strerror or exc}") from exc
+    return path
+
+
 def export_track(
     wave: Waveform,
     out_dir: Path,
@@ -354,6 +369,7 @@ def export_track(
     *,
     ffmpeg: Ffmpeg,
     overwrite: bool = False,
+    sidecar: Callable[[list[ExportedFile]], dict[str, bytes]] | None = None,
 ) -> list[ExportedFile]:
     """Encode ``wave`` (float32 ``[2, N]`` at 44.1 kHz) to ``NAME.mp3`` and ``NAME.ogg`` in ``out_dir``.
 
@@ -365,6 +381,11 @@ def export_track(
 
     Raises:
         ExportError: encoding, tagging, verification or the final move failed.
+
+    ``sidecar``, when given, is called with the verified files (final paths) and
+    returns ``{file name: content}`` of extra files (the provenance record) that
+    are staged too and moved into place *after* the audio, in one step that
+    SIGINT/SIGTERM cannot split.
         FileExistsError: an output exists and ``overwrite`` is False.
     """
     if wave.sample_rate != TARGET_SAMPLE_RATE or wave.channels != TARGET_CHANNELS:
@@ -390,13 +411,19 @@ def export_track(
                     raise ExportError(f"could not tag {dest.name}: {exc}") from exc
                 staged[fmt] = inspect_file(dest, fmt)
                 _verify(staged[fmt], wave.duration_s)
-        for fmt in ("mp3", "ogg"):
-            try:
-                os.replace(staged[fmt].path, finals[fmt])
-            except OSError as exc:
-                raise ExportError(f"could not move {finals[fmt].name} into {out_dir}: {exc.strerror}") from exc
-        return [
-            ExportedFile(**{**staged[fmt].__dict__, "path": finals[fmt]}) for fmt in ("mp3", "ogg")
-        ]
+                if fmt == "mp3":
+                    faults.hook("encode")
+        done = [ExportedFile(**{**staged[fmt].__dict__, "path": finals[fmt]}) for fmt in ("mp3", "ogg")]
+        moves = [(staged[fmt].path, finals[fmt]) for fmt in ("mp3", "ogg")]
+        for fname, content in (sidecar(done) if sidecar else {}).items():
+            moves.append((_write_staged(staging / fname, content), out_dir / fname))
+        faults.hook("commit")
+        with faults.signals_deferred():
+            for src, dst in moves:
+                try:
+                    os.replace(src, dst)
+                except OSError as exc:
+                    raise ExportError(f"could not move {dst.name} into {out_dir}: {exc.strerror}") from exc
+        return done
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import audio, export, generate
+from . import audio, export, faults, generate, provenance
 from .engine import LoadedModel
 from .errors import UsageError
 from .generate import CodeBackend, ProgressCallback
@@ -125,8 +125,12 @@ def render_track(
     backend: CodeBackend | None = None,
     progress: ProgressCallback | None = None,
     overwrite: bool = False,
+    record_model: dict[str, Any] | None = None,
 ) -> TrackResult:
     """Generate, process and export one planned track.
+
+    With ``record_model`` (from :func:`provenance.model_identity`) the
+    provenance record ``NAME.json`` is staged and committed with the audio.
 
     Raises:
         TrackError subclasses (GenerationError, ExportError) on failure; the
@@ -135,17 +139,31 @@ def render_track(
     result = TrackResult(name=plan.spec.name, settings=plan.settings, seed_was_random=plan.seed_was_random)
     t0 = time.perf_counter()
     cond = generate.encode_text(loaded, [plan.spec.prompt], plan.settings.sampling.guidance_scale)
+    progress = faults.step_hooked(progress)
     codes, windows, steps = generate.generate_codes(loaded, cond, plan.settings, backend=backend, progress=progress)
     t1 = time.perf_counter()
     waves = generate.decode_codes(loaded, codes)
     t2 = time.perf_counter()
     prepared = audio.prepare_for_export(waves[0], plan.settings.duration_s)
     t3 = time.perf_counter()
+    result.clipped_samples = prepared.clipped_samples
+    result.peak = prepared.peak
+    result.steps = steps
+    result.windows = len(windows)
+    result.timings = {"generate": t1 - t0, "decode": t2 - t1, "audio": t3 - t2}
+    sidecar = None
+    if record_model is not None:
+
+        def sidecar(files):
+            now = time.perf_counter()
+            result.timings.update(export=now - t3, total=now - t0)  # export = encode, tag, verify
+            return provenance.sidecar_for(plan, result, loaded=loaded, ffmpeg=ffmpeg, model=record_model)(files)
+
     tags = export.TrackTags(
         title=plan.spec.title, genre=plan.spec.genre, comment=comment_for(plan, loaded.source.ref), bpm=plan.spec.bpm
     )
     try:
-        files = export.export_track(prepared.waveform, plan.out_dir, plan.spec.name, tags, ffmpeg=ffmpeg, overwrite=overwrite)
+        files = export.export_track(prepared.waveform, plan.out_dir, plan.spec.name, tags, ffmpeg=ffmpeg, overwrite=overwrite, sidecar=sidecar)
     except FileExistsError as exc:
         raise UsageError(f"{exc.args[0]} appeared while generating; pass --force to replace it") from None
     t4 = time.perf_counter()
