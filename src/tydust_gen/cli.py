@@ -249,11 +249,11 @@ def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir
     results = [batch.skipped_result(s) for s in skipped]
     load_s = 0.0
     if plans:
-        if fell_back:
-            rep.warn("no CUDA GPU found; generating on the CPU, which is much slower")
         with locking.TrackLocks() as locks:
             for plan in plans:
                 locks.acquire(plan.out_dir, plan.spec.name)
+            if fell_back:
+                rep.warn("no CUDA GPU found; generating on the CPU, which is much slower")
             rep.info(f"loading {model_ref} on {device.type}…")
             faults.hook("loading")
             t_load = time.perf_counter()

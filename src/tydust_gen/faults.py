@@ -2,7 +2,7 @@
 
 Nothing here changes behaviour unless an environment variable asks for it:
 
-* ``TYDUST_TEST_HOOK=STAGE[:N]`` — when the run reaches ``STAGE`` (``loading``,
+* ``TYDUST_TEST_HOOK=STAGE[:N][@K]`` — (the K-th time) when the run reaches ``STAGE`` (``loading``,
   ``generate`` after N decoding steps, ``encode`` between the MP3 and the OGG,
   ``commit`` just before files move into place) it prints
   ``tydust-test-hook: STAGE`` on stderr and waits: until the file named by
@@ -35,6 +35,7 @@ HOOK_SLEEP_ENV = "TYDUST_TEST_HOOK_SLEEP"
 FAULT_ENV = "TYDUST_TEST_FAULT"
 HOOK_MARKER = "tydust-test-hook:"
 HOOK_POLL_S = 0.02  # seconds between checks of the go file
+_seen: dict[str, int] = {}
 
 
 def hook(stage: str, count: int | None = None) -> None:
@@ -42,10 +43,14 @@ def hook(stage: str, count: int | None = None) -> None:
     want = os.environ.get(HOOK_ENV)
     if not want:
         return
+    want, _, nth = want.partition("@")
     name, _, n = want.partition(":")
     if name != stage:
         return
     if n and count != int(n):
+        return
+    _seen[want] = _seen.get(want, 0) + 1
+    if nth and _seen[want] != int(nth):
         return
     sys.stderr.write(f"{HOOK_MARKER} {want}\n")
     sys.stderr.flush()
