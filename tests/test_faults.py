@@ -97,7 +97,6 @@ def no_leftovers(folder: Path) -> None:
 SIGNAL_POINTS = [
     ("loading", signal.SIGTERM, 143, "error: terminated; unfinished tracks were not written"),
     ("generate:5", signal.SIGINT, 130, "error: interrupted; unfinished tracks were not written"),
-    ("generate:5", signal.SIGTERM, 143, "error: terminated; unfinished tracks were not written"),
     ("encode", signal.SIGTERM, 143, "error: terminated; unfinished tracks were not written"),
     ("commit", signal.SIGINT, 130, "error: interrupted; unfinished tracks were not written"),
 ]
