@@ -299,7 +299,10 @@ def _summary_table(rep, results, statuses: dict[str, str]) -> None:
         return
     from rich.table import Table
 
-    table = Table(title=None, show_edge=False, pad_edge=False)
+    from rich import box
+
+    # light rules: the heavy "━" is the progress bar's, and piped output must not look like one
+    table = Table(title=None, box=box.SIMPLE, show_edge=False, pad_edge=False)
     for col in ("track", "status", "seed", "length", "time", "outputs / error"):
         table.add_column(col, overflow="fold")
     for r in results:

@@ -60,7 +60,9 @@ def doctor_cmd(
         sys.stdout.write(json.dumps({"ok": not bad, "checks": [c.__dict__ for c in checks]}, indent=2) + "\n")
     from rich.table import Table
 
-    table = Table(show_edge=False, pad_edge=False, show_header=False)
+    from rich import box
+
+    table = Table(box=box.SIMPLE, show_edge=False, pad_edge=False, show_header=False)
     table.add_column("mark")
     table.add_column("check")
     table.add_column("detail", overflow="fold")
@@ -96,7 +98,9 @@ def list_cmd(
         sys.stdout.write(json.dumps({"tracks": payload}, indent=2) + "\n")
     from rich.table import Table
 
-    table = Table(show_edge=False, pad_edge=False)
+    from rich import box
+
+    table = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
     for col in ("track", "duration", "outputs", "status", "detail"):
         table.add_column(col, overflow="fold")
     colors = {"current": "green", "missing": "dim", "stale": "yellow", "no record": "yellow", "invalid": "bold red"}

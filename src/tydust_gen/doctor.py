@@ -57,7 +57,7 @@ def folder_size(folder: Path) -> int:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1000**3:.2f} GB"
+    return f"{n / 1000**3:.2f} GB" if n >= 1000**3 else f"{n / 1000**2:.1f} MB"
 
 
 def check_torch() -> list[Check]:

@@ -426,4 +426,5 @@ def export_track(
                     raise ExportError(f"could not move {dst.name} into {out_dir}: {exc.strerror}") from exc
         return done
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with faults.signals_deferred():  # a second Ctrl-C must not leave the staging folder half removed
+            shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import TrackBusyError
 from .export import _make_output_dir
+from .faults import signals_deferred
 
 LOCK_SUFFIX = ".lock"
 
@@ -92,4 +93,5 @@ class TrackLocks:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        with signals_deferred():  # a second Ctrl-C must not strand a lock file
+            self.release()
