@@ -56,10 +56,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
 
 
-def spawn(workdir: Path, tiny_model_dir: Path, *args: str, **env: str) -> subprocess.Popen:
+def spawn(workdir: Path, tiny_model_dir: Path, *args: str, new_group: bool = False, **env: str) -> subprocess.Popen:
+    """Start the real command; ``new_group`` gives it its own process group, as a shell job has."""
     return subprocess.Popen(
         [sys.executable, "-m", "tydust_gen", *args, "--model", str(tiny_model_dir)],
         cwd=workdir, env=env_for(**env), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        start_new_session=new_group,
     )
 
 
@@ -122,8 +124,15 @@ def test_signal_in_new_folder_leaves_nothing(workdir, tiny_model_dir):
     assert not (workdir / "fresh").exists()  # folders made for the lock are removed again
 
 
-def test_sigterm_while_ffmpeg_runs_kills_it(workdir, tiny_model_dir, out_with_take, tmp_path):
-    """ffmpeg is mid-encode (a wrapper that stalls): SIGTERM to us also ends ffmpeg, no orphan writes."""
+@pytest.mark.parametrize(
+    "to_group, sig, code, message",
+    [
+        (False, signal.SIGTERM, 143, "error: terminated; unfinished tracks were not written"),
+        (True, signal.SIGINT, 130, "error: interrupted; unfinished tracks were not written"),  # a terminal's Ctrl-C
+    ],
+)
+def test_signal_while_ffmpeg_runs_kills_it(workdir, tiny_model_dir, out_with_take, tmp_path, to_group, sig, code, message):
+    """ffmpeg is mid-encode (a wrapper that stalls): a signal to us, or to our whole process group, ends ffmpeg too."""
     out, before = out_with_take
     real = export.find_ffmpeg().path
     pidfile = tmp_path / "ffmpeg.pid"
@@ -134,14 +143,17 @@ def test_sigterm_while_ffmpeg_runs_kills_it(workdir, tiny_model_dir, out_with_ta
         f'exec "{real}" "$@"\n'
     )
     script.chmod(0o755)
-    proc = spawn(workdir, tiny_model_dir, "game_over", "-d", "0.6", "-o", "out", "--force", TYDUST_FFMPEG=str(script))
+    proc = spawn(workdir, tiny_model_dir, "game_over", "-d", "0.6", "-o", "out", "--force", TYDUST_FFMPEG=str(script), new_group=to_group)
     deadline = time.monotonic() + 90
     while not pidfile.exists() or not pidfile.read_text().strip():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     ffmpeg_pid = int(pidfile.read_text())
-    rc, err = finish(proc, signal.SIGTERM)
-    assert rc == 143 and err.strip().splitlines()[-1] == "error: terminated; unfinished tracks were not written"
+    if to_group:
+        os.killpg(proc.pid, sig)
+        sig = None
+    rc, err = finish(proc, sig)
+    assert rc == code and err.strip().splitlines()[-1] == message, err
     time.sleep(0.2)
     assert not Path(f"/proc/{ffmpeg_pid}").exists() or "Z" in Path(f"/proc/{ffmpeg_pid}/stat").read_text().split()[2]
     assert snapshot(out) == before
