@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tydust_gen import engine, export, generate
+from tydust_gen import export, generate
 
 from conftest import REPO, files_under
 

@@ -82,7 +82,6 @@ def list_cmd(
 ) -> None:
     """List the tracks in the prompts folder: duration, and whether outputs exist and are current."""
     from . import engine, listing, provenance
-    from .prompts import available_tracks
 
     rep = _Reporter(quiet=False)
     if not prompts_dir.is_dir():

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
