@@ -381,12 +381,12 @@ def export_track(
 
     Raises:
         ExportError: encoding, tagging, verification or the final move failed.
+        FileExistsError: an output exists and ``overwrite`` is False.
 
     ``sidecar``, when given, is called with the verified files (final paths) and
     returns ``{file name: content}`` of extra files (the provenance record) that
     are staged too and moved into place *after* the audio, in one step that
     SIGINT/SIGTERM cannot split.
-        FileExistsError: an output exists and ``overwrite`` is False.
     """
     if wave.sample_rate != TARGET_SAMPLE_RATE or wave.channels != TARGET_CHANNELS:
         raise ValueError(f"export needs 44.1 kHz stereo, got {wave.sample_rate} Hz x {wave.channels}")
