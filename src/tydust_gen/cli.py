@@ -297,9 +297,9 @@ def _summary_table(rep, results, statuses: dict[str, str]) -> None:
     """One row per track on stderr: status, seed, length, time, and the files or the error."""
     if rep.quiet or not results:
         return
-    from rich.table import Table
-
     from rich import box
+    from rich.table import Table
+    from rich.text import Text
 
     # light rules: the heavy "━" is the progress bar's, and piped output must not look like one
     table = Table(title=None, box=box.SIMPLE, show_edge=False, pad_edge=False)
@@ -312,7 +312,8 @@ def _summary_table(rep, results, statuses: dict[str, str]) -> None:
         length = f"{r.files[0].duration_s:.2f} s" if r.files else "-"
         took = f"{r.timings['total']:.1f} s" if "total" in r.timings else "-"
         what = r.error if not r.ok else ", ".join(f.path.name for f in r.files)
-        table.add_row(r.name, f"[{style}]{status}[/]" if style else status, seed, length, took, what)
+        # Text, not markup: an error message may contain [brackets]
+        table.add_row(Text(r.name), Text(status, style=style), seed, length, took, Text(what or ""))
     rep.console.print(table)
 
 

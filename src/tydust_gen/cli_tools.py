@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from rich.text import Text
 
 from .cli import Terminated, _on_sigterm, _render_one, _Reporter, _result_json, _summary, app
 from .errors import EXIT_ENVIRONMENT, EXIT_SIGINT, EXIT_SIGTERM, EXIT_TRACK_FAILED, TydustError
@@ -68,7 +69,7 @@ def doctor_cmd(
     table.add_column("detail", overflow="fold")
     for c in checks:
         mark = "[green]ok[/]" if c.ok else ("[bold red]FAIL[/]" if c.required else "[yellow]warn[/]")
-        table.add_row(mark, c.name, c.detail)
+        table.add_row(mark, c.name, Text(c.detail))
     rep.console.print(table)
     raise typer.Exit(EXIT_ENVIRONMENT if bad else 0)
 
@@ -105,7 +106,7 @@ def list_cmd(
     colors = {"current": "green", "missing": "dim", "stale": "yellow", "no record": "yellow", "invalid": "bold red"}
     for r in rows:
         dur = f"{r.duration_s:g} s" if r.duration_s is not None else "-"
-        table.add_row(r.name, dur, str(r.out_dir) if r.out_dir else "-", f"[{colors[r.status]}]{r.status}[/]", r.detail)
+        table.add_row(Text(r.name), dur, Text(str(r.out_dir) if r.out_dir else "-"), Text(r.status, style=colors[r.status]), Text(r.detail))
     if not rows:
         rep.info(f"{prompts_dir}/ has no .toml or .txt prompt files")
     else:
