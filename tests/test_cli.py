@@ -56,7 +56,7 @@ def test_90_second_track_end_to_end(workdir, run_cli, private_tmp):
     assert track["ok"] and track["seed"] == 42 and track["duration_s"] == 90.0
     assert track["windows"] == 5 and track["steps"] == 4500 + 5 * 3
     out = workdir / "assets/music/darkwave"
-    assert files_under(workdir) == sorted(PROMPT_FILES + ["assets/music/darkwave/phase4_peak.mp3", "assets/music/darkwave/phase4_peak.ogg"])
+    assert files_under(workdir) == sorted(PROMPT_FILES + ["assets/music/darkwave/phase4_peak.json", "assets/music/darkwave/phase4_peak.mp3", "assets/music/darkwave/phase4_peak.ogg"])
     check_mp3(out / "phase4_peak.mp3", 90.0)
     check_ogg(out / "phase4_peak.ogg", 90.0)
     comment = MP3(out / "phase4_peak.mp3").tags.getall("COMM")[0].text[0]
@@ -72,7 +72,7 @@ def test_several_tracks_load_the_model_once(workdir, run_cli, monkeypatch):
     result = run_cli("game_over", "menu_calm", "-d", "0.5", "--json", "--out-dir", "out")
     assert result.exit_code == 0, result.stderr
     assert len(calls) == 1
-    assert files_under(workdir / "out") == ["game_over.mp3", "game_over.ogg", "menu_calm.mp3", "menu_calm.ogg"]
+    assert files_under(workdir / "out") == ["game_over.json", "game_over.mp3", "game_over.ogg", "menu_calm.json", "menu_calm.mp3", "menu_calm.ogg"]
     tracks = json.loads(result.stdout)["tracks"]
     assert [t["track"] for t in tracks] == ["game_over", "menu_calm"]
     assert all(t["seed_was_random"] for t in tracks)

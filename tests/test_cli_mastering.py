@@ -71,7 +71,10 @@ def test_variations_give_distinct_takes_with_their_seed(workdir, run_cli):
     takes = run_json(run_cli, "game_over", "-d", "1", "-n", "3", "--seed", "5", "-o", "out")
     assert [t["track"] for t in takes] == ["game_over_v1", "game_over_v2", "game_over_v3"]
     assert [(t["take"], t["takes"], t["seed"]) for t in takes] == [(1, 3, 5), (2, 3, 5), (3, 3, 5)]
-    assert files_under(workdir / "out") == [f"game_over_v{i}.{ext}" for i in (1, 2, 3) for ext in ("mp3", "ogg")]
+    assert files_under(workdir / "out") == [f"game_over_v{i}.{ext}" for i in (1, 2, 3) for ext in ("json", "mp3", "ogg")]
+    record = json.loads((workdir / "out/game_over_v2.json").read_text())
+    assert (record["track"], record["take"], record["settings"]["seed"]) == ("game_over", "game_over_v2", 5)
+    assert record["result"]["take"] == 2 and record["mastering"]["variations"] == 3
     hashes = {f["sha256"] for t in takes for f in t["files"]}
     assert len(hashes) == 6
     audio = [master.decode_audio(workdir / f"out/game_over_v{i}.ogg") for i in (1, 2, 3)]
@@ -83,7 +86,7 @@ def test_preview_png_beside_the_audio(workdir, run_cli):
     png = workdir / "out/game_over.png"
     assert track["preview"] == "out/game_over.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert files_under(workdir / "out") == ["game_over.mp3", "game_over.ogg", "game_over.png"]
+    assert files_under(workdir / "out") == ["game_over.json", "game_over.mp3", "game_over.ogg", "game_over.png"]
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,11 @@ def _result_json(r) -> dict[str, Any]:
 
 @app.command(DEFAULT_COMMAND)
 def generate_cmd(
-    tracks: List[str] = typer.Argument(..., metavar="TRACK...", help="Track names: prompts/TRACK.toml or prompts/TRACK.txt."),
+    tracks: Optional[List[str]] = typer.Argument(None, metavar="TRACK...", help="Track names: prompts/TRACK.toml or prompts/TRACK.txt."),
+    all_tracks: bool = typer.Option(False, "--all", help="Every prompt file in the prompts folder."),
+    skip_existing: bool = typer.Option(
+        False, "--skip-existing", help="Skip tracks whose outputs are complete and match their provenance record (prompt, settings, model)."
+    ),
     duration: Optional[str] = typer.Option(
         None, "--duration", "-d", help=f"Seconds of music (default: prompt file, else 30; max {MAX_DURATION_S:g})."
     ),
@@ -226,7 +230,7 @@ def generate_cmd(
     }
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        code = _run(rep, tracks, cli_settings, model, device, prompts_dir, out_dir, force, as_json)
+        code = _run(rep, tracks, cli_settings, model, device, prompts_dir, out_dir, force, as_json, all_tracks, skip_existing)
     except TydustError as exc:
         if debug:
             raise
@@ -243,15 +247,19 @@ def generate_cmd(
     raise typer.Exit(code)
 
 
-def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir, force, as_json) -> int:
-    from . import engine, export, pipeline
+def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir, force, as_json, all_tracks=False, skip_existing=False) -> int:
+    from . import batch, engine, export, faults, locking, pipeline, provenance
+
+    tracks = batch.track_names(tracks, all_tracks, prompts_dir)
 
     started = time.perf_counter()
     # Everything that can fail without the model fails here, in a second.
     plans = []
     seen: set[str] = set()
     for name in tracks:
-        plan = pipeline.plan_track(name, cli_settings=cli_settings, prompts_dir=prompts_dir, out_dir=out_dir, overwrite=force)
+        plan = pipeline.plan_track(
+            name, cli_settings=cli_settings, prompts_dir=prompts_dir, out_dir=out_dir, overwrite=force or skip_existing
+        )
         key = str(plan.outputs["mp3"].resolve())
         if key in seen:
             raise UsageError(f"track {name!r} is listed twice; name each track once")
@@ -261,18 +269,32 @@ def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir
     export.check_encoders(ffmpeg)
     device, fell_back = engine.resolve_device(device_name)
     source = engine.resolve_source(model_ref)
-    if fell_back:
-        rep.warn("no CUDA GPU found; generating on the CPU, which is much slower")
-
-    rep.info(f"loading {model_ref} on {device.type}…")
-    t_load = time.perf_counter()
-    loaded = engine.load_model(source, device)
-    load_s = time.perf_counter() - t_load
-
-    results = []
-    for plan in plans:
-        results.extend(_render_one(rep, loaded, plan, ffmpeg, force))
+    identity = provenance.model_identity(source)
+    plans_in_order = list(plans)
+    plans, skipped = batch.select(plans, force=force, skip_existing=skip_existing, model=identity)
+    results = [r for s in skipped for r in batch.skipped_results(s)]
+    statuses = {r.name: "skipped" for r in results}
+    load_s = 0.0
+    if plans:
+        with locking.TrackLocks() as locks:
+            for plan in plans:
+                locks.acquire(plan.out_dir, plan.spec.name)
+            if fell_back:
+                rep.warn("no CUDA GPU found; generating on the CPU, which is much slower")
+            rep.info(f"loading {model_ref} on {device.type}…")
+            faults.hook("loading")
+            t_load = time.perf_counter()
+            loaded = engine.load_model(source, device)
+            load_s = time.perf_counter() - t_load
+            batch.check_prompt_lengths(loaded, plans)
+            for plan in plans:
+                results.extend(_render_one(rep, loaded, plan, ffmpeg, force, identity))
+    # Report in the order the tracks were named (skipped ones were set aside first).
+    position = {name: i for i, p in enumerate(plans_in_order) for name in (p.spec.name, *p.takes)}
+    results.sort(key=lambda r: position.get(r.name, len(position)))
     total_s = time.perf_counter() - started
+    for r in results:
+        statuses.setdefault(r.name, "ok" if r.ok else "failed")
 
     failed = [r for r in results if not r.ok]
     if as_json:
@@ -282,22 +304,56 @@ def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir
             "device": str(device),
             "load_s": round(load_s, 3),
             "total_s": round(total_s, 3),
-            "tracks": [_result_json(r) for r in results],
+            "tracks": [_with_status(_result_json(r), statuses[r.name], r) for r in results],
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         sys.stdout.flush()
     _summary(rep, results, total_s)
+    _summary_table(rep, results, statuses)
     return EXIT_TRACK_FAILED if failed else 0
 
 
-def _render_one(rep, loaded, plan, ffmpeg, force):
+def _with_status(d: dict[str, Any], status: str, r) -> dict[str, Any]:
+    """Add the batch status (ok, skipped, failed) and the provenance record path to a track's JSON."""
+    from .provenance import record_path
+
+    d["status"] = status
+    d["provenance"] = str(record_path(r.files[0].path.parent, r.name)) if r.files else None
+    return d
+
+
+def _summary_table(rep, results, statuses: dict[str, str]) -> None:
+    """One row per track on stderr: status, seed, length, time, and the files or the error."""
+    if rep.quiet or not results:
+        return
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    # light rules: the heavy "━" is the progress bar's, and piped output must not look like one
+    table = Table(title=None, box=box.SIMPLE, show_edge=False, pad_edge=False)
+    for col in ("track", "status", "seed", "length", "time", "outputs / error"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        status = statuses.get(r.name, "ok" if r.ok else "failed")
+        style = {"ok": "green", "skipped": "cyan", "failed": "bold red"}.get(status, "")
+        seed = str(r.settings.seed) if r.settings and r.settings.seed is not None else "-"
+        length = f"{r.files[0].duration_s:.2f} s" if r.files else "-"
+        took = f"{r.timings['total']:.1f} s" if "total" in r.timings else "-"
+        what = r.error if not r.ok else ", ".join(f.path.name for f in r.files)
+        # Text, not markup: an error message may contain [brackets]
+        table.add_row(Text(r.name), Text(status, style=style), seed, length, took, Text(what or ""))
+    rep.console.print(table)
+
+
+def _render_one(rep, loaded, plan, ffmpeg, force, identity=None):
     from . import pipeline
 
     name = plan.spec.name
     bar = rep.progress()
     try:
         if bar is None:
-            takes = pipeline.render_takes(loaded, plan, ffmpeg=ffmpeg, overwrite=force)
+            takes = pipeline.render_takes(loaded, plan, ffmpeg=ffmpeg, overwrite=force, record_model=identity)
         else:
             with bar:
                 task = bar.add_task(name, total=None)
@@ -309,7 +365,7 @@ def _render_one(rep, loaded, plan, ffmpeg, force):
                     bar.update(task, description=f"{name}: {what}")
 
                 takes = pipeline.render_takes(
-                    loaded, plan, ffmpeg=ffmpeg, progress=progress, stage=stage, overwrite=force
+                    loaded, plan, ffmpeg=ffmpeg, progress=progress, stage=stage, overwrite=force, record_model=identity
                 )
     except TydustError as exc:
         # One track failing does not stop the batch; the exit code reports it.
@@ -331,6 +387,9 @@ def _summary(rep, results, total_s: float) -> None:
         if not r.ok:
             rep.info(f"{r.name}: FAILED — {r.error}")
             continue
+        if not r.steps:
+            rep.info(f"{r.name}: skipped, outputs are current")
+            continue
         seed_note = " (random)" if r.seed_was_random else ""
         take_note = f", take {r.take}/{r.takes}" if r.takes > 1 else ""
         rep.info(f"{r.name}: seed {r.settings.seed}{seed_note}{take_note}, {r.steps} steps in {r.windows} window(s), {r.timings['total']:.1f} s")
@@ -350,6 +409,8 @@ def _summary(rep, results, total_s: float) -> None:
     ok = sum(r.ok for r in results)
     rep.info(f"done: {ok}/{len(results)} track(s) in {total_s:.1f} s")
 
+
+from . import cli_tools  # noqa: E402,F401  (registers doctor, list and regenerate on ``app``)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -11,6 +11,7 @@ Exit codes (documented in the README, stable for shell scripts):
 1     a track failed while generating or exporting (TrackError)
 2     usage error: bad track name, prompt file, option value (UsageError)
 3     environment problem: ffmpeg, model, device, output folder (EnvironmentProblem)
+4     busy: another tydust-gen is writing the same track (TrackBusyError)
 130   interrupted (Ctrl-C / SIGINT)
 143   terminated (SIGTERM)
 ====  ==============================================================
@@ -22,6 +23,7 @@ EXIT_OK = 0
 EXIT_TRACK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
+EXIT_BUSY = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -80,3 +82,9 @@ class GenerationError(TrackError):
 
 class ExportError(TrackError):
     """Encoding or writing an output file failed; ffmpeg's stderr travels in the message."""
+
+
+class TrackBusyError(TydustError):
+    """Another tydust-gen process holds the lock of a track we were asked to write."""
+
+    exit_code = EXIT_BUSY

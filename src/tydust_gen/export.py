@@ -25,8 +25,9 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from . import children, faults
 from .audio import TARGET_CHANNELS, TARGET_SAMPLE_RATE, to_pcm16
 from .errors import ExportError, FfmpegError, OutputDirError
 from .generate import Waveform
@@ -210,8 +211,10 @@ def _encode(segment, ffmpeg: Ffmpeg, fmt: str, dest: Path) -> None:
     else:
         kwargs = dict(format="ogg", codec="libvorbis", parameters=["-q:a", OGG_QUALITY, *common])
     try:
-        handle = segment.export(str(dest), **kwargs)
+        with children.reaped():
+            handle = segment.export(str(dest), **kwargs)
         handle.close()
+        faults.maybe_fail_write(fmt, dest)
     except CouldntEncodeError as exc:
         text = str(exc)
         tool_err = text.split("Output from ffmpeg/avlib:", 1)[-1].strip().splitlines()
@@ -346,6 +349,18 @@ def _verify(f: ExportedFile, expected_duration_s: float) -> None:
         raise ExportError(f"{f.path.name} came out wrong ({', '.join(problems)}); this is a bug, please report it")
 
 
+def _write_staged(path: Path, content: bytes) -> Path:
+    try:
+        with open(path, "wb") as f:
+            f.write(content)
+            faults.maybe_fail_write(path.suffix.lstrip("."), path)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ExportError(f"could not write {path.name}: {exc.strerror or exc}") from exc
+    return path
+
+
 class Staging:
     """A private folder inside the destination where one track's files are built.
 
@@ -371,7 +386,8 @@ class Staging:
 
     def __exit__(self, *exc_info) -> None:
         if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+            with faults.signals_deferred():  # a second Ctrl-C must not leave the staging folder half removed
+                shutil.rmtree(self.path, ignore_errors=True)
 
     def staged(self, fmt: str) -> Path:
         """Where the staged ``fmt`` ("mp3", "ogg") file of this track lives."""
@@ -394,6 +410,8 @@ class Staging:
                 except Exception as exc:  # noqa: BLE001 - mutagen raises many types
                     raise ExportError(f"could not tag {dest.name}: {exc}") from exc
                 paths.append(dest)
+                if fmt == "mp3":
+                    faults.hook("encode")
         return paths
 
     def add_extra(self, filename: str) -> Path:
@@ -403,8 +421,20 @@ class Staging:
         self._extras.append(extra)
         return extra
 
-    def publish(self, expected_duration_s: float, *, overwrite: bool = False) -> list[ExportedFile]:
+    def publish(
+        self,
+        expected_duration_s: float,
+        *,
+        overwrite: bool = False,
+        sidecar: Callable[[list[ExportedFile]], dict[str, bytes]] | None = None,
+    ) -> list[ExportedFile]:
         """Verify the staged MP3 and OGG, then move them (and extras) into the destination.
+
+        ``sidecar``, when given, is called with the verified files (final paths)
+        and returns ``{file name: content}`` of extra files (the provenance
+        record) that are staged too and moved into place *after* the audio, in
+        one step that SIGINT/SIGTERM cannot split: the record's presence marks a
+        complete take.
 
         Returns:
             ``[mp3, ogg]`` as read back before the move, with their final paths.
@@ -421,14 +451,19 @@ class Staging:
         staged = {fmt: inspect_file(self.staged(fmt), fmt) for fmt in ("mp3", "ogg")}
         for f in staged.values():
             _verify(f, expected_duration_s)
+        done = [ExportedFile(**{**staged[fmt].__dict__, "path": finals[fmt]}) for fmt in ("mp3", "ogg")]
         moves = [(staged[fmt].path, finals[fmt]) for fmt in ("mp3", "ogg")]
         moves += [(extra, self.out_dir / extra.name) for extra in self._extras if extra.exists()]
-        for src, dest in moves:
-            try:
-                os.replace(src, dest)
-            except OSError as exc:
-                raise ExportError(f"could not move {dest.name} into {self.out_dir}: {exc.strerror}") from exc
-        return [ExportedFile(**{**staged[fmt].__dict__, "path": finals[fmt]}) for fmt in ("mp3", "ogg")]
+        for fname, content in (sidecar(done) if sidecar else {}).items():
+            moves.append((_write_staged(self.path / fname, content), self.out_dir / fname))
+        faults.hook("commit")
+        with faults.signals_deferred():
+            for src, dest in moves:
+                try:
+                    os.replace(src, dest)
+                except OSError as exc:
+                    raise ExportError(f"could not move {dest.name} into {self.out_dir}: {exc.strerror}") from exc
+        return done
 
 
 def export_track(
@@ -439,6 +474,7 @@ def export_track(
     *,
     ffmpeg: Ffmpeg,
     overwrite: bool = False,
+    sidecar: Callable[[list[ExportedFile]], dict[str, bytes]] | None = None,
 ) -> list[ExportedFile]:
     """Encode ``wave`` (float32 ``[2, N]`` at 44.1 kHz) to ``NAME.mp3`` and ``NAME.ogg`` in ``out_dir``.
 
@@ -451,6 +487,11 @@ def export_track(
     Raises:
         ExportError: encoding, tagging, verification or the final move failed.
         FileExistsError: an output exists and ``overwrite`` is False.
+
+    ``sidecar``, when given, is called with the verified files (final paths) and
+    returns ``{file name: content}`` of extra files (the provenance record) that
+    are staged too and moved into place *after* the audio, in one step that
+    SIGINT/SIGTERM cannot split.
     """
     if not overwrite:
         existing = [p for p in output_paths(out_dir, name).values() if p.exists()]
@@ -458,4 +499,4 @@ def export_track(
             raise FileExistsError(existing[0])
     with Staging(out_dir, name, ffmpeg=ffmpeg) as staging:
         staging.encode(wave, tags)
-        return staging.publish(wave.duration_s, overwrite=overwrite)
+        return staging.publish(wave.duration_s, overwrite=overwrite, sidecar=sidecar)

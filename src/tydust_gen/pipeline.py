@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import audio, export, generate
+from . import audio, export, faults, generate, provenance
 from .engine import LoadedModel
 from .errors import UsageError
 from .generate import CodeBackend, ProgressCallback, Waveform
@@ -60,7 +60,9 @@ class TrackResult:
         name: track name.
         files: the verified outputs (empty when the track failed).
         settings: the settings actually used.
-        timings: seconds per stage: encode_text+generate ("generate"), "decode", "audio", "export", "total".
+        timings: seconds per stage: "generate" (text encoding + tokens, whole batch), "decode" (EnCodec,
+            whole batch), "audio" (resample, DC, loop/fades), "master_export" (mastering passes, encoding,
+            tagging, verification), "total".
         steps: decoding steps run.
         windows: generation passes.
         error: the one-line error when the track failed.
@@ -147,9 +149,12 @@ def render_track(
     backend: CodeBackend | None = None,
     progress: ProgressCallback | None = None,
     overwrite: bool = False,
+    record_model: dict[str, Any] | None = None,
 ) -> TrackResult:
     """Generate, master and export a planned single-take track (see :func:`render_takes`)."""
-    return render_takes(loaded, plan, ffmpeg=ffmpeg, backend=backend, progress=progress, overwrite=overwrite)[0]
+    return render_takes(
+        loaded, plan, ffmpeg=ffmpeg, backend=backend, progress=progress, overwrite=overwrite, record_model=record_model
+    )[0]
 
 
 def render_takes(
@@ -161,6 +166,7 @@ def render_takes(
     progress: ProgressCallback | None = None,
     stage: Callable[[str], None] | None = None,
     overwrite: bool = False,
+    record_model: dict[str, Any] | None = None,
 ) -> list[TrackResult]:
     """Generate all takes of a planned track in one batch, then master and export each.
 
@@ -171,6 +177,9 @@ def render_takes(
 
     ``stage(name)`` is called as each stage starts ("generating", "decoding",
     "mastering", "encoding") so a front end can say what is happening.
+
+    With ``record_model`` (from :func:`provenance.model_identity`) each take's
+    provenance record ``TAKE.json`` is staged and committed with its audio.
 
     Raises:
         TrackError subclasses (GenerationError, ExportError) on failure; files of
@@ -187,6 +196,7 @@ def render_takes(
     t0 = time.perf_counter()
     prompts = [plan.spec.prompt] * len(plan.takes)
     cond = generate.encode_text(loaded, prompts, plan.settings.sampling.guidance_scale)
+    progress = faults.step_hooked(progress)
     codes, windows, steps = generate.generate_codes(loaded, cond, gen_settings, backend=backend, progress=progress)
     t1 = time.perf_counter()
     announce("decoding")
@@ -226,11 +236,20 @@ def render_takes(
             comment=comment_for(plan, loaded.source.ref, take=index),
             bpm=plan.spec.bpm,
         )
+        result = TrackResult(
+            name=take,
+            settings=plan.settings,
+            seed_was_random=plan.seed_was_random,
+            steps=steps,
+            windows=len(windows),
+            take=index,
+            takes=len(plan.takes),
+        )
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
 
-                def encode(result) -> list[Path]:
-                    return staging.encode(Waveform(_tensor(result.samples), sr), tags)
+                def encode(mastering_pass) -> list[Path]:
+                    return staging.encode(Waveform(_tensor(mastering_pass.samples), sr), tags)
 
                 mastered = master_stage.master_for_encoding(
                     x, sr, encode, target_lufs=m.loudness_lufs, ceiling_dbtp=m.true_peak_dbtp, circular=m.loop
@@ -239,51 +258,54 @@ def render_takes(
                     loop_stage.write_loop_tags(staging.staged("ogg"), loop_info["loop_start"], loop_info["loop_length"])
                     seam = loop_stage.seam_metric(mastered.master.samples, sr)
                     loop_info.update({f"seam_{k}": _num(v) for k, v in seam.__dict__.items()})
-                preview_path = None
                 if m.preview:
                     from .preview import render_preview
 
                     staged_png = staging.add_extra(f"{take}{PREVIEW_SUFFIX}")
                     render_preview(mastered.master.samples, sr, staged_png, title=f"{take}",
                                    loop_seam=loop_info["loop_length"] if loop_info else None)  # fmt: skip
-                    preview_path = plan.out_dir / staged_png.name
-                files = staging.publish(plan.settings.duration_s, overwrite=overwrite)
+                    result.preview = plan.out_dir / staged_png.name
+                result.loop = loop_info
+                result.loudness = _loudness_figures(m, mastered, dc_offset)
+
+                def finish_timings() -> None:
+                    result.timings = {**per_take_shared, "audio": tb - ta, "master_export": time.perf_counter() - tb}
+                    result.timings["total"] = sum(result.timings.values())
+
+                sidecar = None
+                if record_model is not None:
+
+                    def sidecar(files):
+                        finish_timings()
+                        return provenance.sidecar_for(plan, result, loaded=loaded, ffmpeg=ffmpeg, model=record_model)(files)
+
+                result.files = staging.publish(plan.settings.duration_s, overwrite=overwrite, sidecar=sidecar)
+                finish_timings()
         except FileExistsError as exc:
             raise UsageError(f"{exc.args[0]} appeared while generating; pass --force to replace it") from None
-        tc = time.perf_counter()
-        mr = mastered.master
-        result = TrackResult(
-            name=take,
-            files=files,
-            settings=plan.settings,
-            seed_was_random=plan.seed_was_random,
-            steps=steps,
-            windows=len(windows),
-            take=index,
-            takes=len(plan.takes),
-            loop=loop_info,
-            preview=preview_path,
-            loudness={
-                "target_lufs": m.loudness_lufs,
-                "ceiling_dbtp": m.true_peak_dbtp,
-                "input_lufs": _num(mr.input_lufs),
-                "input_true_peak_dbtp": _num(mr.input_true_peak_dbtp),
-                "dc_offset": dc_offset,
-                "gain_db": _num(mr.gain_db),
-                "limiter_max_reduction_db": _num(mr.limiter_max_reduction_db),
-                "output_lufs": _num(mr.output_lufs),
-                "output_true_peak_dbtp": _num(mr.output_true_peak_dbtp),
-                "encoded_true_peak_dbtp": {f.format: _num(p) for f, p in zip(files, mastered.encoded_true_peaks_dbtp)},
-                "encode_tries": mastered.tries,
-                "target_reached": mr.target_reached,
-                "ceiling_met": mastered.ceiling_met,
-            },
-        )
-        result.timings = {**per_take_shared, "audio": tb - ta, "master_export": tc - tb}
-        result.timings["total"] = sum(result.timings.values())
         results.append(result)
     announce("done")
     return results
+
+
+def _loudness_figures(m: MasteringSettings, mastered, dc_offset: list[Any]) -> dict[str, Any]:
+    """What the mastering stage measured, for the summary and the provenance record."""
+    mr = mastered.master
+    return {
+        "target_lufs": m.loudness_lufs,
+        "ceiling_dbtp": m.true_peak_dbtp,
+        "input_lufs": _num(mr.input_lufs),
+        "input_true_peak_dbtp": _num(mr.input_true_peak_dbtp),
+        "dc_offset": dc_offset,
+        "gain_db": _num(mr.gain_db),
+        "limiter_max_reduction_db": _num(mr.limiter_max_reduction_db),
+        "output_lufs": _num(mr.output_lufs),
+        "output_true_peak_dbtp": _num(mr.output_true_peak_dbtp),
+        "encoded_true_peak_dbtp": {Path(p).suffix.lstrip("."): _num(v) for p, v in zip(mastered.paths, mastered.encoded_true_peaks_dbtp)},
+        "encode_tries": mastered.tries,
+        "target_reached": mr.target_reached,
+        "ceiling_met": mastered.ceiling_met,
+    }
 
 
 def _tensor(samples: np.ndarray):

@@ -110,6 +110,9 @@ def find_prompt_file(name: str, prompts_dir: Path) -> Path:
     if not prompts_dir.is_dir():
         raise PromptError(f"prompts folder {prompts_dir}/ does not exist; create it or pass --prompts-dir")
     found = [prompts_dir / f"{name}{suffix}" for suffix in PROMPT_SUFFIXES]
+    broken = [p for p in found if p.is_symlink() and not p.exists()]
+    if broken:
+        raise PromptError(f"{broken[0]} is a broken symbolic link; point it at a prompt file or remove it")
     found = [p for p in found if p.exists()]
     if not found:
         raise PromptError(f"no prompt file for track {name!r} ({prompts_dir}/{name}.toml or .txt); {_tracks_hint(prompts_dir)}")

@@ -21,6 +21,7 @@ TINY_CODEBOOK_SIZE = 256
 TINY_UPSAMPLING_RATIOS = [8, 5, 4, 4]
 TINY_SAMPLE_RATE = 32_000  # Hz, same as musicgen-small
 TINY_MAX_POSITIONS = 2048  # decoder positions, as musicgen-small (sinusoidal: no weights)
+TINY_MAX_PROMPT_TOKENS = 512  # tokens, the model_max_length of the real T5 tokenizer
 
 
 def _vocab() -> list[tuple[str, float]]:
@@ -54,7 +55,8 @@ def build_tiny_model(seed: int = 0):
         T5Tokenizer,
     )
 
-    tokenizer = T5Tokenizer(vocab=_vocab(), extra_ids=0)
+    # model_max_length as the real t5-base tokenizer of musicgen-small, so over-long prompts are refused in tests too.
+    tokenizer = T5Tokenizer(vocab=_vocab(), extra_ids=0, model_max_length=TINY_MAX_PROMPT_TOKENS)
     text_cfg = T5Config(
         vocab_size=len(tokenizer),
         d_model=32,
