@@ -214,6 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default=None, help="default: stock,fast,fast-int8 on CPU; stock,fast on CUDA")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions per configuration")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     ap.add_argument("--parity-positions", type=int, default=24)
     ap.add_argument("--quality", action="store_true", help="measure int8 agreement/KL (CPU)")
     ap.add_argument("--json", default=None, help="default: bench/results/<device type>.json")
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     impls = (args.impls or ("stock,fast,fast-int8" if device.type == "cpu" else "stock,fast")).split(",")
     t = time.perf_counter()
     loaded = build_full_size(device, dtype)

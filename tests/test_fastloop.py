@@ -178,3 +178,27 @@ def test_make_backend_names():
     assert all(b.name == n for n, b in built.items())
     with pytest.raises(SettingsError, match="unknown backend"):
         make_backend("turbo")
+
+
+def test_static_step_math_matches_on_cpu(tiny):
+    """The CUDA-graph step (whole cache read under a mask, device-side position) is the same math.
+
+    The graph capture itself needs a GPU (bench/gpu_check.sh); its step function runs eagerly here.
+    """
+    from tydust_gen.fastloop import _decoder, _logits, _open_window
+
+    cond = encode_text(tiny, PROMPTS, 3.0)
+    torch.manual_seed(2)
+    ids = torch.randint(0, tiny.codebook_size, (8, 10))
+    ref = _stock_logits(tiny, cond, ids)
+    backend = FastBackend()
+    prep = backend.prepared(tiny)
+    tokens = ids.reshape(2, 4, 10).repeat(2, 1, 1)
+    with torch.inference_mode():
+        win = _open_window(prep, cond, 10)
+        steps = [
+            _logits(prep, _decoder(prep, win, tokens[:, :, t : t + 1], None, torch.tensor([t]))[:, -1])
+            for t in range(10)
+        ]
+    ours = torch.stack(steps, dim=1)
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4
