@@ -23,7 +23,11 @@ from tydust_gen.fastloop import FastBackend  # noqa: E402
 from tydust_gen.generate import StockBackend, generate_codes  # noqa: E402
 from tydust_gen.settings import GenerationSettings, SamplingSettings  # noqa: E402
 
-GREEDY_S = 5.0  # seconds of audio for the token comparisons
+import os  # noqa: E402
+
+GREEDY_S = float(os.environ.get("GPU_CHECK_SECONDS", "5"))  # seconds of audio for the token comparisons
+#: GPU_CHECK_DEVICE=cpu runs the same script as a (slow) smoke test without a GPU.
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 
 
 def greedy(loaded, backend):
@@ -34,8 +38,8 @@ def greedy(loaded, backend):
 
 
 def main() -> int:
-    device = torch.device("cuda")
-    report: dict = {"gpu": torch.cuda.get_device_name(device)}
+    device = torch.device(DEVICE)
+    report: dict = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (smoke test)"}
     loaded = build_full_size(device, torch.float32)
     report["fp32_parity"] = parity(loaded, 48)
     a, b = greedy(loaded, StockBackend()), greedy(loaded, FastBackend())
