@@ -191,6 +191,32 @@ def sampling_kwargs(loaded: LoadedModel, sampling: SamplingSettings) -> dict[str
     return kwargs
 
 
+def _prefill_context(model, cache, ids, cond: Conditioning, start: int, p: int) -> None:
+    """Put the first ``p`` delay-masked positions of ``ids`` ([B·K, 1+P]) into ``cache``.
+
+    MusicGen's ``prepare_inputs_for_generation`` (transformers 5) feeds only the
+    last input column whenever a cache object exists, the prefill included, so a
+    prefix handed to ``generate`` would be kept in the output but never attended
+    to. With the first ``p`` positions already cached, that last column is
+    exactly the one position still missing.
+    """
+    import torch
+
+    masked, _ = model.decoder.build_delay_pattern_mask(ids, pad_token_id=start, max_length=ids.shape[-1] + 4096)
+    context = masked[:, :p]
+    copies = cond.hidden.shape[0] // (ids.shape[0] // model.decoder.num_codebooks)
+    if copies > 1:
+        context = context.repeat((copies, 1))
+    with torch.inference_mode():
+        model.decoder(
+            input_ids=context,
+            encoder_hidden_states=cond.hidden,
+            encoder_attention_mask=cond.mask,
+            cache=cache,
+            use_cache=True,
+        )
+
+
 class StockBackend:
     """transformers' own decoder ``generate`` (eager, dynamic KV cache)."""
 
@@ -217,6 +243,8 @@ class StockBackend:
         # Self- and cross-attention need separate caches; decoder.generate alone
         # would make one DynamicCache and mix the text keys into the audio keys.
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if p:
+            _prefill_context(model, cache, ids, cond, start, p)
         out = model.decoder.generate(
             input_ids=ids,
             cache=cache,

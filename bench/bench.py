@@ -1,0 +1,335 @@
+"""Side-by-side speed of the decode backends on a full-size (random-weight) musicgen-small.
+
+Not part of the test suite. Builds the musicgen-small architecture from
+``bench/musicgen_small_config.json`` with random weights (nothing downloaded; the
+tokenizer is the tiny one, speed does not depend on it), then for each duration
+and batch size runs every backend in the same process, interleaved, and reports:
+text encoding, ms per decoding step (median, p90), whole LM time, EnCodec decode,
+peak RSS / peak GPU memory, real-time factor; plus the memory-bandwidth floor of a
+decode step, a teacher-forcing logits parity check and the int8 quality cost.
+
+    PYTHONPATH=src python bench/bench.py --device cpu --durations 2 --batches 1,4
+    PYTHONPATH=src python bench/bench.py --device cuda --durations 90 --batches 1,4 --reps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIG_PATH = HERE / "musicgen_small_config.json"
+FLOOR_SWEEP_BYTES = 1 << 30  # 1 GiB buffer for the bandwidth probe: far beyond any cache
+PROMPTS = ["dark synth bass, intense", "calm menu music", "dark wave", "synth music"]
+SEED = 1234
+
+
+def build_full_size(device: torch.device, dtype: torch.dtype):
+    """Random-weight musicgen-small as a LoadedModel (model, tiny tokenizer)."""
+    from transformers import (
+        EncodecConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        T5Config,
+    )
+
+    from tydust_gen.engine import LoadedModel, ModelSource, quiet_transformers
+    from tydust_gen.tiny import build_tiny_model
+
+    quiet_transformers()
+    raw = json.loads(CONFIG_PATH.read_text())
+    strip = lambda d: {k: v for k, v in d.items() if k != "model_type"}  # noqa: E731
+    config = MusicgenConfig(
+        text_encoder=T5Config(**strip(raw["text_encoder"])),
+        audio_encoder=EncodecConfig(**strip(raw["audio_encoder"])),
+        decoder=MusicgenDecoderConfig(**strip(raw["decoder"])),
+    )
+    torch.manual_seed(0)
+    model = MusicgenForConditionalGeneration(config).eval()
+    for key, value in raw["generation"].items():
+        setattr(model.generation_config, key, value)
+    model = model.to(device=device, dtype=dtype)
+    _, processor = build_tiny_model()
+    dec = raw["decoder"]
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        source=ModelSource("bench:musicgen-small-random", None, None),
+        sample_rate=raw["audio_encoder"]["sampling_rate"],
+        frame_rate=50,
+        num_codebooks=dec["num_codebooks"],
+        codebook_size=dec["vocab_size"],
+        max_positions=dec["max_position_embeddings"],
+    )
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    info = {
+        "cpu": cpu,
+        "cpu_cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def step_weight_bytes(loaded, int8: bool = False) -> int:
+    """Bytes of decoder weights one decode step must read (text K/V projections excluded: once per window)."""
+    dec = loaded.model.decoder.model.decoder
+    n = 0
+    for layer in dec.layers:
+        for lin in (
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.out_proj,
+            layer.encoder_attn.q_proj, layer.encoder_attn.out_proj, layer.fc1, layer.fc2,
+        ):
+            n += lin.weight.numel()
+    n += sum(h.weight.numel() for h in loaded.model.decoder.lm_heads)
+    return n * (1 if int8 else loaded.model.decoder.lm_heads[0].weight.element_size())
+
+
+def read_bandwidth(device, reps: int = 7) -> float:
+    """Read bandwidth, bytes/s: median time of summing a 1 GiB fp32 buffer."""
+    buf = torch.ones(FLOOR_SWEEP_BYTES // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        t = time.perf_counter()
+        buf.sum()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    del buf
+    return FLOOR_SWEEP_BYTES / statistics.median(times[1:])
+
+
+def run_backend(loaded, backend, cond, duration_s: float):
+    """Generate one track's codes; returns (codes, per-step seconds, LM seconds)."""
+    from tydust_gen.generate import generate_codes
+    from tydust_gen.settings import GenerationSettings
+
+    stamps = []
+
+    def progress(done, total):
+        sync(loaded.device)  # per-step times must include the GPU's work, not just the launches
+        stamps.append(time.perf_counter())
+
+    settings = GenerationSettings(duration_s=duration_s, seed=SEED)
+    sync(loaded.device)
+    t0 = time.perf_counter()
+    codes, _, _ = generate_codes(loaded, cond, settings, backend=backend, progress=progress)
+    sync(loaded.device)
+    lm = time.perf_counter() - t0
+    # stamps[0] closes the first step (prefill included); the final call repeats the last step.
+    stamps = stamps[:-1]
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return codes, steps, lm
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def parity(loaded, positions: int) -> dict:
+    """fp32 teacher forcing: our incremental logits vs transformers' full forward, max relative error."""
+    from tydust_gen.engine import encode_text
+    from tydust_gen.fastloop import FastBackend
+
+    cond = encode_text(loaded, PROMPTS[:1], 3.0)
+    torch.manual_seed(5)
+    ids = torch.randint(0, loaded.codebook_size, (loaded.num_codebooks, positions), device=loaded.device)
+    with torch.inference_mode():
+        ref = loaded.model.decoder(
+            input_ids=ids.repeat(2, 1), encoder_hidden_states=cond.hidden, encoder_attention_mask=cond.mask
+        ).logits.float()
+    ours = FastBackend().teacher_forced_logits(loaded, cond, ids)
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    return {"positions": positions, "max_rel_err": err, "top1_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def int8_quality(loaded, codes, cond) -> dict:
+    """Teacher-force fp32-generated codes through fp32 and int8; compare the guided next-token distributions."""
+    from tydust_gen.fastloop import FastBackend, delay_pattern
+
+    start = int(loaded.model.generation_config.decoder_start_token_id)
+    b, k = cond.batch_size, loaded.num_codebooks
+    grid = delay_pattern(codes, b, k, 0, start, loaded.device)[:, :, :-1].reshape(b * k, -1)
+    scale = cond.guidance_scale
+
+    def guided(logits):
+        c, u = logits.split(logits.shape[0] // 2, dim=0)
+        return (u + (c - u) * scale).log_softmax(-1)
+
+    ref = guided(FastBackend().teacher_forced_logits(loaded, cond, grid))
+    q = guided(FastBackend(int8=True).teacher_forced_logits(loaded, cond, grid))
+    kl = (ref.exp() * (ref - q)).sum(-1)
+    return {
+        "positions": int(grid.shape[-1]),
+        "top1_agreement": (ref.argmax(-1) == q.argmax(-1)).float().mean().item(),
+        "mean_kl_nats": kl.mean().item(),
+        "fp32_mean_entropy_nats": (-(ref.exp() * ref).sum(-1)).mean().item(),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--durations", default="2", help="seconds, comma separated (10,30,90 on a GPU)")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--impls", default=None, help="default: stock,fast,fast-int8 on CPU; stock,fast on CUDA")
+    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions per configuration")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    ap.add_argument("--parity-positions", type=int, default=24)
+    ap.add_argument("--quality", action="store_true", help="measure int8 agreement/KL (CPU)")
+    ap.add_argument("--json", default=None, help="default: bench/results/<device type>.json")
+    args = ap.parse_args(argv)
+
+    from tydust_gen.backends import make_backend
+    from tydust_gen.engine import encode_text
+    from tydust_gen.generate import decode_codes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    impls = (args.impls or ("stock,fast,fast-int8" if device.type == "cpu" else "stock,fast")).split(",")
+    t = time.perf_counter()
+    loaded = build_full_size(device, dtype)
+    print(f"built random musicgen-small on {device} ({dtype}) in {time.perf_counter() - t:.1f} s", flush=True)
+    result = {"machine": machine(device), "dtype": str(dtype), "runs": []}
+    print(json.dumps(result["machine"]), flush=True)
+
+    bw = read_bandwidth(device)
+    nbytes = step_weight_bytes(loaded)
+    floor = {"read_GBps": bw / 1e9, "step_weight_bytes": nbytes, "floor_ms": nbytes / bw * 1e3}
+    if "fast-int8" in impls:
+        floor["int8_floor_ms"] = step_weight_bytes(loaded, int8=True) / bw * 1e3
+    result["floor"] = floor
+    print(f"floor: {nbytes / 1e9:.3f} GB/step at {bw / 1e9:.1f} GB/s -> {floor['floor_ms']:.1f} ms/step", flush=True)
+
+    if dtype == torch.float32:
+        result["parity"] = parity(loaded, args.parity_positions)
+        print("parity", result["parity"], flush=True)
+
+    backends = {name: make_backend(name) for name in impls}
+    for duration in [float(d) for d in args.durations.split(",")]:
+        for batch in [int(b) for b in args.batches.split(",")]:
+            prompts = (PROMPTS * batch)[:batch]
+            sync(device)
+            t = time.perf_counter()
+            cond = encode_text(loaded, prompts, 3.0)
+            sync(device)
+            text_s = time.perf_counter() - t
+            per = {name: {"steps": [], "lm_s": [], "rep_medians": []} for name in impls}
+            codes_by = {}
+            for rep in range(args.reps):
+                bw = max(bw, read_bandwidth(device, reps=3))
+                for name in impls:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    codes, steps, lm = run_backend(loaded, backends[name], cond, duration)
+                    per[name]["steps"] += steps
+                    per[name]["rep_medians"].append(statistics.median(steps))
+                    per[name]["lm_s"].append(lm)
+                    per[name]["peak_rss_mb"] = peak_rss_mb()
+                    if device.type == "cuda":
+                        per[name]["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    codes_by[name] = codes
+                    print(f"  {duration:g}s B={batch} rep {rep} {name}: {lm:.2f} s", flush=True)
+            same = {n: bool(torch.equal(codes_by[n], codes_by[impls[0]])) for n in impls}
+            sync(device)
+            t = time.perf_counter()
+            decode_codes(loaded, codes_by[impls[-1]])
+            sync(device)
+            decode_s = time.perf_counter() - t
+            base = statistics.median(per[impls[0]]["steps"])
+            base_best = min(per[impls[0]]["rep_medians"])
+            floor["read_GBps"] = bw / 1e9
+            floor["floor_ms"] = nbytes / bw * 1e3
+            if "int8_floor_ms" in floor:
+                floor["int8_floor_ms"] = step_weight_bytes(loaded, int8=True) / bw * 1e3
+            for name in impls:
+                steps = per[name]["steps"]
+                med = statistics.median(steps)
+                lm = statistics.median(per[name]["lm_s"])
+                row = {
+                    "duration_s": duration,
+                    "batch": batch,
+                    "impl": name,
+                    "text_encode_s": text_s,
+                    "step_ms_median": med * 1e3,
+                    "step_ms_p90": pct(steps, 0.9) * 1e3,
+                    # the least disturbed repetition: other jobs on a shared CPU only ever add time
+                    "step_ms_best_rep": min(per[name]["rep_medians"]) * 1e3,
+                    "steps_measured": len(steps),
+                    "lm_s": lm,
+                    "encodec_decode_s": decode_s,
+                    "resample_export_s": None,  # n/a: audio/export stages are not on this branch
+                    "peak_rss_mb_so_far": per[name]["peak_rss_mb"],
+                    "peak_gpu_mb": per[name].get("peak_gpu_mb"),
+                    "rtf": (text_s + lm + decode_s) / duration,
+                    "speedup_vs_" + impls[0]: base / med,
+                    "speedup_best_rep_vs_" + impls[0]: base_best / min(per[name]["rep_medians"]),
+                    "floor_ms": floor["floor_ms"],
+                    "vs_floor": med * 1e3 / floor["floor_ms"],
+                    "best_rep_vs_floor": min(per[name]["rep_medians"]) * 1e3 / floor["floor_ms"],
+                    "tokens_equal_" + impls[0]: same[name],
+                }
+                result["runs"].append(row)
+            print(f"{duration:g}s B={batch}: text {text_s:.2f} s, EnCodec {decode_s:.2f} s", flush=True)
+            for row in result["runs"][-len(impls):]:
+                print(
+                    f"  {row['impl']:>10}: step median {row['step_ms_median']:.1f} ms p90 {row['step_ms_p90']:.1f} ms "
+                    f"best rep {row['step_ms_best_rep']:.1f} ms (x{row['speedup_best_rep_vs_' + impls[0]]:.2f}), "
+                    f"LM {row['lm_s']:.2f} s, x{row['speedup_vs_' + impls[0]]:.2f} vs {impls[0]}, "
+                    f"{row['vs_floor']:.2f}x floor ({row['floor_ms']:.1f} ms), RTF {row['rtf']:.2f}, tokens equal: {row['tokens_equal_' + impls[0]]}",
+                    flush=True,
+                )
+            if args.quality and "fast-int8" in impls and batch == 1:
+                result["int8_quality"] = int8_quality(loaded, codes_by["fast"], cond)
+                print("int8 quality", result["int8_quality"], flush=True)
+    out = Path(args.json) if args.json else HERE / "results" / f"{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
