@@ -234,7 +234,10 @@ def test_cuda_out_of_memory(workdir, run_cli, out_with_take, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    from tydust_gen import fastloop
+
     monkeypatch.setattr(generate.StockBackend, "generate_window", oom)
+    monkeypatch.setattr(fastloop.FastBackend, "generate_window", oom)
     result = run_cli("game_over", "menu_calm", "-d", "0.4", "-o", "out", "--force")
     assert result.exit_code == 1
     lines = result.stderr.splitlines()

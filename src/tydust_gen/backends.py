@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from .errors import SettingsError
 from .generate import CodeBackend, StockBackend
-
-DEFAULT_BACKEND = "fast"
-BACKEND_NAMES = ("fast", "fast-int8", "stock")
+from .settings import BACKEND_NAMES, DEFAULT_BACKEND  # noqa: F401  (re-exported)
 
 
 def make_backend(name: str) -> CodeBackend:
@@ -34,3 +34,9 @@ def make_backend(name: str) -> CodeBackend:
     if choice == "stock":
         return StockBackend()
     raise SettingsError(f"unknown backend {name!r}; use one of: {', '.join(BACKEND_NAMES)}")
+
+
+@lru_cache(maxsize=None)
+def shared_backend(name: str) -> CodeBackend:
+    """One backend per name for the whole process, so its prepared weights are built once per model."""
+    return make_backend(name)

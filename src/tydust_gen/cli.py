@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_TRACK_FAILED, TydustError, UsageError
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_TRACK_FAILED, DeviceError, TydustError, UsageError
 from .settings import MAX_DURATION_S
 
 DEFAULT_COMMAND = "generate"
@@ -180,6 +180,11 @@ def generate_cmd(
     stride: Optional[str] = typer.Option(
         None, "--stride", help="Seconds each further pass advances; the rest of the window is re-fed as context (default 18)."
     ),
+    backend: Optional[str] = typer.Option(
+        None,
+        "--backend",
+        help="Decode loop: fast (default; same tokens as stock), fast-int8 (CPU, ~3x faster, small quality cost) or stock (transformers' generate).",
+    ),
     model: str = typer.Option(
         "facebook/musicgen-small", "--model", envvar="TYDUST_MODEL", help="Hub id (uses the HF cache; honours HF_HUB_OFFLINE) or a local snapshot folder."
     ),
@@ -220,6 +225,7 @@ def generate_cmd(
         "window": window,
         "stride": stride,
         "do_sample": False if greedy else None,
+        "backend": backend,
         "loudness": loudness,
         "true_peak": true_peak,
         "fade_in": fade_in,
@@ -268,6 +274,8 @@ def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir
     ffmpeg = export.find_ffmpeg()
     export.check_encoders(ffmpeg)
     device, fell_back = engine.resolve_device(device_name)
+    if device.type != "cpu" and any(p.settings.backend == "fast-int8" for p in plans):
+        raise DeviceError("--backend fast-int8 runs on the CPU only; use --backend fast on a GPU, or --device cpu")
     source = engine.resolve_source(model_ref)
     identity = provenance.model_identity(source)
     plans_in_order = list(plans)

@@ -281,7 +281,10 @@ def generate_codes(
     """
     import torch
 
-    backend = backend or StockBackend()
+    if backend is None:
+        from .backends import shared_backend
+
+        backend = shared_backend(settings.backend)
     total, window_frames, stride_frames = frames_for(settings, loaded.frame_rate)
     check_window_fits(loaded, min(window_frames, total))
     windows = plan_windows(total, window_frames, stride_frames)

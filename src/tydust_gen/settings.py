@@ -23,6 +23,8 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_K = 250
 DEFAULT_TOP_P = 0.0  # 0 means "off", not greedy
 DEFAULT_GUIDANCE_SCALE = 3.0
+BACKEND_NAMES = ("fast", "fast-int8", "stock")  # see backends.py
+DEFAULT_BACKEND = "fast"
 MAX_SEED = 2**63 - 1
 
 
@@ -57,6 +59,8 @@ class GenerationSettings:
         stride_s: how far each further window advances, seconds; the
             remaining ``window_s - stride_s`` seconds are re-fed as context.
         sampling: token sampling parameters.
+        backend: decode loop ("fast", "fast-int8" or "stock", see backends.py);
+            fast and stock give the same tokens in fp32, fast-int8 does not.
     """
 
     duration_s: float = DEFAULT_DURATION_S
@@ -64,6 +68,7 @@ class GenerationSettings:
     window_s: float = DEFAULT_WINDOW_S
     stride_s: float = DEFAULT_STRIDE_S
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    backend: str = DEFAULT_BACKEND
 
 
 #: Keys a prompt file or the CLI may set, mapped to their parser.
@@ -178,6 +183,13 @@ def _merge(cli: Mapping[str, Any], prompt_file: Mapping[str, Any], parsers: Mapp
     return merged
 
 
+def parse_backend(value: Any) -> str:
+    name = str(value).strip().lower()
+    if name not in BACKEND_NAMES:
+        raise SettingsError(f"unknown backend {value!r}; use one of: {', '.join(BACKEND_NAMES)}")
+    return name
+
+
 #: Setting name -> parser. These are the keys a prompt file may carry besides its metadata.
 SETTING_PARSERS = {
     "duration": parse_duration,
@@ -189,6 +201,7 @@ SETTING_PARSERS = {
     "window": parse_window,
     "stride": parse_stride,
     "do_sample": parse_bool("do_sample"),
+    "backend": parse_backend,
 }
 
 
@@ -223,6 +236,7 @@ def resolve_settings(cli: Mapping[str, Any], prompt_file: Mapping[str, Any]) -> 
         window_s=window,
         stride_s=stride,
         sampling=sampling,
+        backend=merged.get("backend", DEFAULT_BACKEND),
     )
 
 
