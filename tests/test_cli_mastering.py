@@ -68,12 +68,16 @@ def test_loop_mode_writes_loop_points_and_a_seamless_wrap(workdir, run_cli):
 
 
 def test_variations_give_distinct_takes_with_their_seed(workdir, run_cli):
+    from tydust_gen.variations import variation_seed
+
     takes = run_json(run_cli, "game_over", "-d", "1", "-n", "3", "--seed", "5", "-o", "out")
     assert [t["track"] for t in takes] == ["game_over_v1", "game_over_v2", "game_over_v3"]
-    assert [(t["take"], t["takes"], t["seed"]) for t in takes] == [(1, 3, 5), (2, 3, 5), (3, 3, 5)]
+    seeds = [5, variation_seed(5, 1), variation_seed(5, 2)]
+    assert len(set(seeds)) == 3
+    assert [(t["take"], t["takes"], t["seed"], t["batch_seed"]) for t in takes] == [(i + 1, 3, seeds[i], 5) for i in range(3)]
     assert files_under(workdir / "out") == [f"game_over_v{i}.{ext}" for i in (1, 2, 3) for ext in ("json", "mp3", "ogg")]
     record = json.loads((workdir / "out/game_over_v2.json").read_text())
-    assert (record["track"], record["take"], record["settings"]["seed"]) == ("game_over", "game_over_v2", 5)
+    assert (record["track"], record["take"], record["settings"]["seed"]) == ("game_over", "game_over_v2", seeds[1])
     assert record["result"]["take"] == 2 and record["mastering"]["variations"] == 3
     hashes = {f["sha256"] for t in takes for f in t["files"]}
     assert len(hashes) == 6
@@ -104,3 +108,19 @@ def test_bad_mastering_options(workdir, run_cli, args, message):
     result = run_cli("game_over", *args)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_take_of_a_batch_is_reproduced_alone_from_its_own_seed(workdir, run_cli):
+    """Take 2 of a batch, regenerated on its own from its record, has the same samples."""
+    run_json(run_cli, "game_over", "-d", "1.6", "--window", "1", "--stride", "0.6", "-n", "3", "--seed", "8", "-o", "out")
+    result = run_cli("regenerate", "out/game_over_v2.json", "-o", "again", "--json", model=False)
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["track"] == "game_over_v2"
+    assert payload["comparison"]["ogg"] in ("identical", "same audio") and payload["comparison"]["mp3"] in ("identical", "same audio")
+    assert files_under(workdir / "again") == ["game_over_v2.json", "game_over_v2.mp3", "game_over_v2.ogg"]
+
+
+def test_variations_need_a_backend_with_per_take_streams(workdir, run_cli):
+    result = run_cli("game_over", "-n", "2", "--backend", "stock")
+    assert result.exit_code == 2 and "--variations needs --backend fast or fast-int8" in result.stderr

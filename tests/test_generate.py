@@ -129,3 +129,19 @@ def test_unknown_device_and_missing_cuda():
         with pytest.raises(DeviceError, match="no CUDA GPU"):
             engine.resolve_device("cuda")
         assert engine.resolve_device("auto") == (torch.device("cpu"), True)
+
+
+def test_each_take_of_a_batch_equals_a_single_run_with_its_seed(tiny_loaded):
+    """Fast backend, variations: take i samples from a stream seeded with variation_seed(seed, i)."""
+    from tydust_gen.variations import variation_seed
+
+    settings = lambda seed: GenerationSettings(duration_s=1.6, seed=seed, window_s=1.0, stride_s=0.6)  # noqa: E731
+    seeds = [variation_seed(5, i) for i in range(3)]
+    batch, _, _ = generate.generate_codes(
+        tiny_loaded, engine.encode_text(tiny_loaded, ["calm"] * 3, 3.0), settings(5), take_seeds=seeds
+    )
+    single = engine.encode_text(tiny_loaded, ["calm"], 3.0)
+    for i in range(3):
+        alone, _, _ = generate.generate_codes(tiny_loaded, single, settings(seeds[i]))
+        assert torch.equal(alone[0], batch[i])
+    assert not torch.equal(batch[0], batch[1])

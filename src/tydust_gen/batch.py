@@ -18,6 +18,7 @@ from . import export, provenance
 from .errors import UsageError
 from .pipeline import TrackPlan, TrackResult
 from .prompts import available_tracks
+from .variations import variation_seed
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,13 @@ def select(plans: list[TrackPlan], *, force: bool, skip_existing: bool, model: d
         if skip_existing and existing:
             records = [provenance.load_if_present(plan.out_dir, take) for take in plan.takes]
             why = None
-            for record in records:
+            for index, record in enumerate(records):
+                # A take of a batch records its own seed (see pipeline.render_takes).
+                seed = variation_seed(plan.settings.seed, index) if len(plan.takes) > 1 else plan.settings.seed
                 why = why or provenance.check_current(
                     record,
                     spec=plan.spec,
-                    settings=plan.settings,
+                    settings=replace(plan.settings, seed=seed),
                     mastering=plan.mastering,
                     seed_given=not plan.seed_was_random,
                     out_dir=plan.out_dir,

@@ -149,6 +149,7 @@ def _result_json(r) -> dict[str, Any]:
         ],
         "take": r.take,
         "takes": r.takes,
+        "batch_seed": r.batch_seed,
         "loudness": r.loudness,
         "loop": r.loop,
         "preview": str(r.preview) if r.preview else None,
@@ -399,7 +400,7 @@ def _summary(rep, results, total_s: float) -> None:
             rep.info(f"{r.name}: skipped, outputs are current")
             continue
         seed_note = " (random)" if r.seed_was_random else ""
-        take_note = f", take {r.take}/{r.takes}" if r.takes > 1 else ""
+        take_note = f", take {r.take}/{r.takes} of batch seed {r.batch_seed}" if r.takes > 1 else ""
         rep.info(f"{r.name}: seed {r.settings.seed}{seed_note}{take_note}, {r.steps} steps in {r.windows} window(s), {r.timings['total']:.1f} s")
         if r.loudness:
             peaks = ", ".join(f"{k} {v} dBTP" for k, v in r.loudness["encoded_true_peak_dbtp"].items())

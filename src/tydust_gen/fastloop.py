@@ -397,8 +397,13 @@ class _Chooser:
     top_k: int | None
     top_p: float | None
 
-    def __call__(self, logits):
-        """float32 ``[B'·K, V]`` → int64 ``[B·K]`` tokens."""
+    def __call__(self, logits, generators=None):
+        """float32 ``[B'·K, V]`` → int64 ``[B·K]`` tokens.
+
+        ``generators``: one ``torch.Generator`` per take (B of them), so each take
+        draws from its own seeded stream; None draws all rows from the global RNG,
+        exactly as transformers does.
+        """
         import torch
 
         scores = logits
@@ -420,7 +425,14 @@ class _Chooser:
             drop = drop_sorted.scatter(1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        return torch.multinomial(probs, num_samples=1).squeeze(1)
+        if generators is None:
+            return torch.multinomial(probs, num_samples=1).squeeze(1)
+        per_take = probs.shape[0] // len(generators)
+        draws = [
+            torch.multinomial(probs[i * per_take : (i + 1) * per_take], num_samples=1, generator=g)
+            for i, g in enumerate(generators)
+        ]
+        return torch.cat(draws).squeeze(1)
 
 
 def make_chooser(loaded: LoadedModel, sampling: SamplingSettings) -> _Chooser:
@@ -547,8 +559,15 @@ class FastBackend:
             )
         return rows
 
-    def generate_window(self, loaded, cond, prefix, new_frames, sampling, on_step):
+    #: generate_window accepts ``generators=`` (one seeded stream per take).
+    supports_take_generators = True
+
+    def generate_window(self, loaded, cond, prefix, new_frames, sampling, on_step, generators=None):
         """Generate ``new_frames`` frames after ``prefix`` (see :class:`~tydust_gen.generate.CodeBackend`).
+
+        With ``generators`` (one ``torch.Generator`` per take, kept across the
+        windows of a track) each take samples from its own stream, so take i of a
+        batch equals a single-take run seeded with that take's seed.
 
         Returns:
             int64 ``[B, K, new_frames]`` on ``loaded.device``.
@@ -573,7 +592,7 @@ class FastBackend:
             logits = _logits(prep, hidden[:, -1])
             graph = None
             for pos in range(first, length):
-                chosen = chooser(logits).view(b, k)
+                chosen = chooser(logits, generators).view(b, k)
                 column = grid[:, :, pos]
                 column = torch.where(column == -1, chosen, column)
                 grid[:, :, pos] = column

@@ -270,8 +270,15 @@ def generate_codes(
     *,
     backend: CodeBackend | None = None,
     progress: ProgressCallback | None = None,
+    take_seeds: list[int] | None = None,
 ) -> tuple[Any, list[Window], int]:
     """Generate all codes of a track, window by window.
+
+    With ``take_seeds`` (one per row of the batch; variations of one prompt)
+    each take samples from its own stream seeded with its seed, kept across
+    windows, so a take equals a single-row run with that seed. Without, all
+    rows draw from torch's global RNG seeded with ``settings.seed``, exactly
+    as transformers' ``generate`` does.
 
     Returns:
         ``(codes [B, K, T] int64, windows, steps)``.
@@ -299,12 +306,19 @@ def generate_codes(
 
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
+    extra: dict[str, Any] = {}
+    if take_seeds is not None:
+        if len(take_seeds) != cond.batch_size:
+            raise ValueError(f"{len(take_seeds)} take seeds for a batch of {cond.batch_size}")
+        if not getattr(backend, "supports_take_generators", False):
+            raise SettingsError(f"the {backend.name} backend cannot give each take its own seed; use --backend fast")
+        extra["generators"] = [torch.Generator(device=loaded.device).manual_seed(s) for s in take_seeds]
     codes = None
     try:
         with torch.inference_mode():
             for w in windows:
                 prefix = None if w.context_frames == 0 else codes[:, :, -w.context_frames :]
-                new = backend.generate_window(loaded, cond, prefix, w.new_frames, settings.sampling, on_step)
+                new = backend.generate_window(loaded, cond, prefix, w.new_frames, settings.sampling, on_step, **extra)
                 if new.shape[-1] != w.new_frames:
                     raise GenerationError(
                         f"the {backend.name} backend returned {new.shape[-1]} frames instead of {w.new_frames}"
@@ -320,15 +334,21 @@ def generate_codes(
 
 
 def decode_codes(loaded: LoadedModel, codes) -> list[Waveform]:
-    """EnCodec-decode ``[B, K, T]`` codes into B mono float32 waveforms at the model rate."""
+    """EnCodec-decode ``[B, K, T]`` codes into B mono float32 waveforms at the model rate.
+
+    Takes are decoded one at a time: a batched convolution may round differently
+    from a single one, and a take of a batch must decode to exactly the samples
+    it has when generated alone from its seed.
+    """
     import torch
 
-    with torch.inference_mode():
-        audio = loaded.model.audio_encoder.decode(codes[None], audio_scales=[None] * codes.shape[0]).audio_values
-    audio = audio.float().cpu()
     expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
-    audio = audio[..., :expected]
-    return [Waveform(samples=audio[i], sample_rate=loaded.sample_rate) for i in range(audio.shape[0])]
+    waves = []
+    with torch.inference_mode():
+        for take in codes.split(1, dim=0):
+            audio = loaded.model.audio_encoder.decode(take[None], audio_scales=[None]).audio_values
+            waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
+    return waves
 
 
 def generate_track(

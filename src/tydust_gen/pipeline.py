@@ -18,10 +18,10 @@ import numpy as np
 
 from . import audio, export, faults, generate, provenance
 from .engine import LoadedModel
-from .errors import UsageError
+from .errors import SettingsError, UsageError
 from .generate import CodeBackend, ProgressCallback, Waveform
 from .prompts import TrackSpec, load_track
-from .variations import variation_names
+from .variations import variation_names, variation_seed
 from .settings import MAX_SEED, GenerationSettings, MasteringSettings, resolve_mastering, resolve_settings
 
 DEFAULT_OUTPUT_ROOT = Path("assets/music")
@@ -67,7 +67,10 @@ class TrackResult:
         windows: generation passes.
         error: the one-line error when the track failed.
         take: 1-based index of this take among ``takes`` variations.
-        takes: how many takes were generated together (one batch, one seed).
+        takes: how many takes were generated together in one batch.
+        batch_seed: the track's seed when this take came from a batch of
+            variations; ``settings.seed`` is then the take's own seed (take 1:
+            the batch seed), which reproduces it alone.
         loudness: measured loudness/peak figures (LUFS, dBTP) before and after mastering,
             and the true peak of each decoded output file.
         loop: loop points (samples at 44.1 kHz) and seam figures, in loop mode.
@@ -84,6 +87,7 @@ class TrackResult:
     error: str | None = None
     take: int = 1
     takes: int = 1
+    batch_seed: int | None = None
     loudness: dict[str, Any] | None = None
     loop: dict[str, Any] | None = None
     preview: Path | None = None
@@ -123,6 +127,11 @@ def plan_track(
     dest = out_dir if out_dir is not None else default_out_dir(spec)
     export.check_output_dir(dest)
     takes = tuple(variation_names(spec.name, mastering.variations))
+    if len(takes) > 1 and settings.backend == "stock":
+        raise SettingsError(
+            "--variations needs --backend fast or fast-int8: transformers' generate draws all takes from one "
+            "random stream, so a take could not be reproduced from its own seed"
+        )
     outputs = export.output_paths(dest, takes[0])
     if not overwrite:
         for take in takes:
@@ -137,8 +146,10 @@ def plan_track(
 
 def comment_for(plan: TrackPlan, model_ref: str, take: int = 1) -> str:
     """The comment tag: prompt, seed and model (and take of a batch), so a file says how it was made."""
-    batch = f" | take={take}/{len(plan.takes)}" if len(plan.takes) > 1 else ""
-    return f"{plan.spec.prompt} | seed={plan.settings.seed}{batch} | model={model_ref}"
+    if len(plan.takes) > 1:
+        seed = variation_seed(plan.settings.seed, take - 1)
+        return f"{plan.spec.prompt} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_ref}"
+    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model_ref}"
 
 
 def render_track(
@@ -197,7 +208,12 @@ def render_takes(
     prompts = [plan.spec.prompt] * len(plan.takes)
     cond = generate.encode_text(loaded, prompts, plan.settings.sampling.guidance_scale)
     progress = faults.step_hooked(progress)
-    codes, windows, steps = generate.generate_codes(loaded, cond, gen_settings, backend=backend, progress=progress)
+    take_seeds = (
+        [variation_seed(plan.settings.seed, i) for i in range(len(plan.takes))] if len(plan.takes) > 1 else None
+    )
+    codes, windows, steps = generate.generate_codes(
+        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds
+    )
     t1 = time.perf_counter()
     announce("decoding")
     waves = generate.decode_codes(loaded, codes)
@@ -236,9 +252,11 @@ def render_takes(
             comment=comment_for(plan, loaded.source.ref, take=index),
             bpm=plan.spec.bpm,
         )
+        batch = len(plan.takes) > 1
         result = TrackResult(
             name=take,
-            settings=plan.settings,
+            settings=replace(plan.settings, seed=variation_seed(plan.settings.seed, index - 1)) if batch else plan.settings,
+            batch_seed=plan.settings.seed if batch else None,
             seed_was_random=plan.seed_was_random,
             steps=steps,
             windows=len(windows),

@@ -155,7 +155,8 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
             "file_sha256": sha256_file(spec.path) if spec.path.is_file() else None,
         },
         "metadata": {"title": spec.title, "genre": spec.genre, "folder": spec.folder, "bpm": spec.bpm},
-        "settings": to_jsonable(plan.settings),
+        # The take's own settings: for a take of a batch of variations its seed is the take's.
+        "settings": to_jsonable(result.settings if result.settings is not None else plan.settings),
         "mastering": to_jsonable(plan.mastering),
         "seed_was_random": plan.seed_was_random,
         "model": model,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,13 @@ def plan_from_record(data: dict[str, Any], record_file: Path, out_dir: Path | No
         raise UsageError(f"{record_file} has no seed; the take cannot be repeated")
     dest = out_dir if out_dir is not None else record_file.parent
     export.check_output_dir(dest)
-    # A take of a batch of variations is only reproduced by generating the whole batch again.
     takes = tuple(variation_names(spec.name, mastering.variations))
+    take = data.get("take") or spec.name
+    if mastering.variations > 1 and take in takes:
+        # A take of a batch is made again on its own: its record holds its own seed, and the
+        # fast backends sample each take of a batch from a stream seeded with exactly that.
+        takes = (take,)
+        mastering = replace(mastering, variations=1)
     existing = [p for take in takes for p in export.output_paths(dest, take).values() if p.exists()]
     if existing and not force:
         raise UsageError(f"{existing[0]} already exists; pass --out-dir DIR to regenerate elsewhere, or --force to replace it")
