@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of music")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--track", default="phase4_peak")
+    ap.add_argument("--backend", default="fast", help="fast, fast-int8 or stock")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +56,7 @@ def main() -> None:
             res = runner.invoke(
                 app,
                 [args.track, "-d", str(args.duration), "--model", str(model), "--seed", str(i), "--json", "-q",
-                 "-o", f"out{i}"],
+                 "-o", f"out{i}", "--backend", args.backend],
             )  # fmt: skip
             wall = time.perf_counter() - t0
             if res.exit_code != 0:
@@ -64,7 +65,7 @@ def main() -> None:
             rows.append({**timings, "wall": wall})
     keys = ["generate", "decode", "audio", "master_export", "wall"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"tiny model, {args.duration:g} s, {args.repeats} runs")  # fmt: skip
+          f"tiny model, backend {args.backend}, {args.duration:g} s, {args.repeats} runs")  # fmt: skip
     for k in keys:
         values = [r[k] for r in rows]
         print(f"  {k:14s} median {statistics.median(values):7.2f} s   (min {min(values):.2f}, max {max(values):.2f})")
