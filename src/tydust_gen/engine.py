@@ -179,8 +179,11 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     try:
         from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hub_logging
 
         disable_progress_bars()
+        # Its retry chatter ("Retrying in 2s...") would bury our one-line error when offline.
+        hub_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
 
