@@ -133,6 +133,7 @@ def _result_json(r) -> dict[str, Any]:
             "top_k": s.sampling.top_k,
             "top_p": s.sampling.top_p,
             "guidance_scale": s.sampling.guidance_scale,
+            "backend": s.backend,
         },
         "files": [
             {

@@ -33,7 +33,7 @@ RECORD_FORMAT = "tydust-gen/provenance"
 RECORD_VERSION = 1
 RECORD_SUFFIX = ".json"
 SMALL_FILE_BYTES = 1 << 20  # files up to 1 MiB (configs, tokenizer) are hashed by content, larger ones by name + size
-PACKAGES = ("tydust-gen", "torch", "torchaudio", "transformers", "pydub", "mutagen", "numpy", "imageio-ffmpeg")
+PACKAGES = ("tydust-gen", "torch", "torchaudio", "transformers", "pydub", "mutagen", "numpy", "scipy", "pyloudnorm", "imageio-ffmpeg")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
