@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -228,3 +229,25 @@ def test_fast_and_stock_backends_make_the_same_track(workdir, run_cli):
     fast = master.decode_audio(workdir / "fast/game_over.ogg")
     stock = master.decode_audio(workdir / "stock/game_over.ogg")
     assert fast.shape == stock.shape and (fast == stock).all()
+
+
+def test_hub_id_loads_from_the_hf_cache_offline(workdir, tiny_model_dir, tmp_path):
+    """`--model facebook/musicgen-small` with HF_HUB_OFFLINE=1 loads a snapshot from the HF cache layout,
+    and the provenance record pins the snapshot's commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    home = tmp_path / "hf"
+    repo = home / "hub" / "models--facebook--musicgen-small"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    # A real process: the hub library reads HF_HOME when it is imported, as it does for users.
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "tydust_gen", "game_over", "-d", "0.4", "-o", "out", "--model", "facebook/musicgen-small", "-q"],
+        capture_output=True, text=True, env=env, cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((workdir / "out/game_over.json").read_text())
+    assert record["model"]["hub_id"] == "facebook/musicgen-small" and record["model"]["revision"] == commit
+    check_ogg(workdir / "out/game_over.ogg", 0.4)
