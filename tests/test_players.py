@@ -25,3 +25,14 @@ def test_pygame_loads_ogg_and_mp3(mixer, encoded_loop):
     mixer.music.load(os.fspath(encoded_loop.mp3))
     mixer.music.play()
     mixer.music.stop()
+
+
+def test_pygame_loads_the_cli_outputs(mixer, workdir, run_cli):
+    """The files tydust-gen itself writes (pydub export, tags, loop comments) load in SDL_mixer."""
+    result = run_cli("menu_calm", "-d", "2", "--loop", "-o", "out")
+    assert result.exit_code == 0, result.stderr
+    sound = mixer.Sound(os.fspath(workdir / "out/menu_calm.ogg"))
+    assert sound.get_length() == pytest.approx(2.0, abs=0.05)
+    mixer.music.load(os.fspath(workdir / "out/menu_calm.mp3"))
+    mixer.music.play()
+    mixer.music.stop()
