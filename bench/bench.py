@@ -123,6 +123,28 @@ def step_weight_bytes(loaded, int8: bool = False) -> int:
     return n * (1 if int8 else loaded.model.decoder.lm_heads[0].weight.element_size())
 
 
+def resample_and_export(wave, duration_s: float) -> float:
+    """Seconds for the stages after decoding, on one take: 44.1 kHz stereo, DC removal,
+    loudness/true-peak mastering checked on the encoded files, MP3 + OGG encode and verify."""
+    import tempfile
+
+    from tydust_gen import audio, export, master
+    from tydust_gen.generate import Waveform
+
+    ffmpeg = export.find_ffmpeg()
+    tags = export.TrackTags(title="bench", genre=None, comment="bench")
+    t = time.perf_counter()
+    stereo = audio.to_44k1_stereo(wave, duration_s)
+    x = master.remove_dc(stereo.samples.numpy(), stereo.sample_rate)
+    with tempfile.TemporaryDirectory() as tmp, export.Staging(Path(tmp), "bench", ffmpeg=ffmpeg) as staging:
+        def encode(result):
+            return staging.encode(Waveform(torch.from_numpy(result.samples.copy()), stereo.sample_rate), tags)
+
+        master.master_for_encoding(x, stereo.sample_rate, encode)
+        staging.publish(duration_s)
+    return time.perf_counter() - t
+
+
 def read_bandwidth(device, reps: int = 7) -> float:
     """Read bandwidth, bytes/s: median time of summing a 1 GiB fp32 buffer."""
     buf = torch.ones(FLOOR_SWEEP_BYTES // 4, dtype=torch.float32, device=device)
@@ -275,9 +297,10 @@ def main(argv=None) -> int:
             same = {n: bool(torch.equal(codes_by[n], codes_by[impls[0]])) for n in impls}
             sync(device)
             t = time.perf_counter()
-            decode_codes(loaded, codes_by[impls[-1]])
+            waves = decode_codes(loaded, codes_by[impls[-1]])
             sync(device)
             decode_s = time.perf_counter() - t
+            resample_export_s = resample_and_export(waves[0], duration)
             base = statistics.median(per[impls[0]]["steps"])
             base_best = min(per[impls[0]]["rep_medians"])
             floor["read_GBps"] = bw / 1e9
@@ -300,7 +323,7 @@ def main(argv=None) -> int:
                     "steps_measured": len(steps),
                     "lm_s": lm,
                     "encodec_decode_s": decode_s,
-                    "resample_export_s": None,  # n/a: audio/export stages are not on this branch
+                    "resample_export_s": resample_export_s,  # first take: 44.1 kHz stereo, master, MP3 + OGG
                     "peak_rss_mb_so_far": per[name]["peak_rss_mb"],
                     "peak_gpu_mb": per[name].get("peak_gpu_mb"),
                     "rtf": (text_s + lm + decode_s) / duration,
@@ -312,7 +335,11 @@ def main(argv=None) -> int:
                     "tokens_equal_" + impls[0]: same[name],
                 }
                 result["runs"].append(row)
-            print(f"{duration:g}s B={batch}: text {text_s:.2f} s, EnCodec {decode_s:.2f} s", flush=True)
+            print(
+                f"{duration:g}s B={batch}: text {text_s:.2f} s, EnCodec {decode_s:.2f} s, "
+                f"resample + master + export {resample_export_s:.2f} s",
+                flush=True,
+            )
             for row in result["runs"][-len(impls):]:
                 print(
                     f"  {row['impl']:>10}: step median {row['step_ms_median']:.1f} ms p90 {row['step_ms_p90']:.1f} ms "
