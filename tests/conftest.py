@@ -34,6 +34,9 @@ def _hermetic(monkeypatch, tmp_path_factory):
     home.mkdir(exist_ok=True)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the CPU kernel is built once per test session (here), never into the user's cache
+    monkeypatch.setenv("TYDUST_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
+    monkeypatch.delenv("TYDUST_CPU_KERNEL", raising=False)
     monkeypatch.delenv("TYDUST_FFMPEG", raising=False)
     monkeypatch.delenv("TYDUST_MODEL", raising=False)
     monkeypatch.delenv("TYDUST_PROMPTS_DIR", raising=False)

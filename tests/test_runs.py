@@ -50,6 +50,9 @@ def test_record_says_how_the_take_was_made(workdir, run_cli, tiny_model_dir):
     assert rec["settings"]["duration_s"] == 0.4 and rec["settings"]["sampling"]["top_k"] == 250
     assert rec["model"]["ref"] == str(tiny_model_dir) and len(rec["model"]["dir_sha256"]) == 64
     assert rec["device"] == "cpu" and rec["dtype"] == "float32"
+    from tydust_gen import cpu_kernel
+
+    assert rec["cpu_kernel"] == cpu_kernel.load().label  # "native" wherever a C++ compiler is (tests/test_cpu_kernel.py)
     assert set(rec["versions"]) >= {"tydust-gen", "torch", "torchaudio", "transformers", "pydub", "mutagen", "ffmpeg"}
     assert rec["versions"]["ffmpeg"].startswith("ffmpeg version")
     assert set(rec["timings_s"]) >= {"generate", "decode", "audio", "master_export", "total"}

@@ -1,7 +1,8 @@
 """``tydust-gen doctor``: what this machine has, and a self-test that needs no download.
 
 :func:`run_checks` reports torch and CUDA (GPU name, free memory), ffmpeg (where
-it came from and its encoders), whether the model is in the local Hugging Face
+it came from and its encoders), the CPU decode kernel (built on first use),
+whether the model is in the local Hugging Face
 cache (and its size), and free disk space in the output folder. A check marked
 ``required`` that fails makes ``doctor`` exit 3.
 
@@ -75,6 +76,16 @@ def check_torch() -> list[Check]:
     return checks
 
 
+def check_cpu_kernel() -> list[Check]:
+    """The fast backend's CPU kernel (built here on first use; optional, MKL otherwise)."""
+    from . import cpu_kernel
+
+    state = cpu_kernel.load()
+    if state.available:
+        return [Check("CPU kernel", True, f"built: {state.detail}", required=False)]
+    return [Check("CPU kernel", True, f"not in use ({state.detail}); CPU decoding uses MKL, about 1.2x slower", required=False)]
+
+
 def check_ffmpeg() -> list[Check]:
     from .export import REQUIRED_ENCODERS, check_encoders, find_ffmpeg
 
@@ -124,7 +135,7 @@ def check_disk(out_dir: Path) -> list[Check]:
 
 def run_checks(model_ref: str, out_dir: Path) -> list[Check]:
     """Every check, in report order."""
-    return [Check("tydust-gen", True, __version__, required=False), *check_torch(), *check_ffmpeg(), *check_model(model_ref), *check_disk(out_dir)]
+    return [Check("tydust-gen", True, __version__, required=False), *check_torch(), *check_cpu_kernel(), *check_ffmpeg(), *check_model(model_ref), *check_disk(out_dir)]
 
 
 def selftest() -> Check:

@@ -16,7 +16,9 @@ MusicGen decoder math directly on the model's weights instead of through
   projections and the K output heads are fused into one matrix each.
 * **CPU.** With 1–8 rows per step, MKL streams a weight matrix at full memory
   bandwidth only as ``W @ xᵀ`` (a skinny GEMM), not as ``x @ Wᵀ`` (which is what
-  ``nn.Linear`` does; measured 3–4× slower here), so the step uses the former.
+  ``nn.Linear`` does; measured 3–4× slower here), so the step uses the former —
+  or, where a C++ compiler is present, :mod:`tydust_gen.cpu_kernel`, which streams
+  a blocked copy of each weight closer still to the memory's read rate.
   ``int8=True`` swaps every per-step projection for fbgemm's dynamic int8 linear
   with per-channel weight scales: a quarter of the bytes per step, at a small,
   measured quality cost (see docs/BENCHMARKS.md).
@@ -34,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import cpu_kernel
 from .engine import Conditioning, LoadedModel
 from .errors import DeviceError, GenerationError
 from .settings import SamplingSettings
@@ -80,14 +83,17 @@ class _Dense:
         weight: ``[out, in]`` in the compute dtype, or None when only ``packed`` is used.
         packed: fbgemm prepacked int8 weights (CPU int8 mode), or None.
         skinny: use ``(W @ xᵀ)ᵀ`` for small row counts (CPU fp32).
+        blocked: the weight blocked for :mod:`tydust_gen.cpu_kernel` (CPU fp32 when
+            the kernel is built), used for up to ``cpu_kernel.MAX_ROWS`` rows; or None.
     """
 
-    __slots__ = ("weight", "packed", "skinny")
+    __slots__ = ("weight", "packed", "skinny", "blocked")
 
-    def __init__(self, weight, packed=None, skinny: bool = False):
+    def __init__(self, weight, packed=None, skinny: bool = False, blocked=None):
         self.weight = weight
         self.packed = packed
         self.skinny = skinny
+        self.blocked = blocked
 
     def __call__(self, x):
         """``x [..., in]`` → ``[..., out]``."""
@@ -98,6 +104,8 @@ class _Dense:
         x2 = x.reshape(-1, x.shape[-1])
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
+        elif self.blocked is not None and x2.shape[0] <= cpu_kernel.MAX_ROWS:
+            y = torch.ops.tydust.skinny_mm(x2, self.blocked)
         elif self.skinny and x2.shape[0] <= SKINNY_MAX_ROWS:
             # x must be row-major so that xᵀ is column-major: MKL's fast skinny kernel
             # wants it so (a row-major [in, rows] operand ran fc2 at a fifth of the bandwidth).
@@ -156,7 +164,7 @@ class _Prepared:
     device: Any
 
 
-def _prepare(loaded: LoadedModel, int8: bool) -> _Prepared:
+def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
     """Collect (and fuse) the decoder weights; shares tensors with the model where no fusion is needed."""
     import torch
     import torch.nn.functional as F
@@ -166,10 +174,14 @@ def _prepare(loaded: LoadedModel, int8: bool) -> _Prepared:
     cfg = causal_lm.config
     on_cpu = loaded.device.type == "cpu"
 
+    kernel = native and on_cpu and not int8 and loaded.model.decoder.lm_heads[0].weight.dtype == torch.float32
+    kernel = kernel and cpu_kernel.load().available
+
     def dense(weight) -> _Dense:
         if int8:
             return _Dense(None, packed=_pack_int8(weight))
-        return _Dense(weight.detach(), skinny=on_cpu)
+        blocked = cpu_kernel.block_weight(weight) if kernel and cpu_kernel.can_block(weight) else None
+        return _Dense(weight.detach(), skinny=on_cpu, blocked=blocked)
 
     def ln(mod) -> tuple:
         return (mod.weight.detach(), mod.bias.detach(), mod.eps)
@@ -525,11 +537,14 @@ class FastBackend:
     Args:
         int8: CPU only: per-step projections in dynamic int8 (4× fewer weight bytes).
         cuda_graph: on CUDA, capture the per-step work in a CUDA graph (default True).
+        native: on the CPU in fp32, use :mod:`tydust_gen.cpu_kernel` when it builds
+            (default True); False keeps MKL, for comparisons.
     """
 
-    def __init__(self, *, int8: bool = False, cuda_graph: bool = True):
+    def __init__(self, *, int8: bool = False, cuda_graph: bool = True, native: bool = True):
         self.int8 = int8
         self.cuda_graph = cuda_graph
+        self.native = native
         self.name = "fast-int8" if int8 else "fast"
         self._prep: _Prepared | None = None
 
@@ -546,7 +561,7 @@ class FastBackend:
                 raise DeviceError("the int8 weight mode runs on the CPU only; use --backend fast on a GPU")
             check_supported(loaded)
             self._prep = None  # drop the old weights before building new ones
-            self._prep = _prepare(loaded, self.int8)
+            self._prep = _prepare(loaded, self.int8, self.native)
         return self._prep
 
     def _rows(self, cond: Conditioning, sampling: SamplingSettings) -> int:

@@ -133,6 +133,13 @@ def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     return a is None or b is None or a == b
 
 
+def _kernel_label() -> str | None:
+    from . import cpu_kernel
+
+    state = cpu_kernel.status()
+    return None if state is None else state.label
+
+
 def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict[str, Any]:
     """The provenance record of a finished take (files with their final paths)."""
     spec = plan.spec
@@ -162,6 +169,8 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "model": model,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
+        # CPU matmul of the fast decode step: "native" (tydust_gen.cpu_kernel) or "mkl"; None when unused.
+        "cpu_kernel": _kernel_label(),
         "versions": {**package_versions(), "ffmpeg": ffmpeg.version},
         "ffmpeg": {"path": ffmpeg.path, "source": ffmpeg.source},
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
