@@ -21,7 +21,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -100,8 +104,144 @@ at::Tensor skinny_mm(const at::Tensor& x, const at::Tensor& wb) {
   return y;
 }
 
+// ---------------------------------------------------------------------------------------
+// One pre-LN decoder layer for one new position, in one call (the eager CPU decode step).
+//
+// Same math as fastloop._decoder's single-position branch: layer norm -> fused q/k/v
+// (q rows pre-scaled by 1/sqrt(hd)) -> write k, v at `pos` -> attention over cache
+// positions [0, pos] -> out projection + residual; layer norm -> cross q -> attention
+// over the text keys (scale, additive mask bias) -> out projection + residual; layer
+// norm -> fc1 -> exact GELU -> fc2 + residual. Python would spend ~25 dispatches per
+// layer on this; here it is one, and the small loops run on plain arrays.
+
+void run_skinny(const float* x, const at::Tensor& wb, float* y, int64_t rows) {
+  const int64_t out = wb.size(0) * kBlockRows, in = wb.size(1) * kChunk;
+  const float* wp = wb.data_ptr<float>();
+  switch (rows) {
+    case 1: run_rows<1>(wp, x, y, out, in); break;
+    case 2: run_rows<2>(wp, x, y, out, in); break;
+    case 3: run_rows<3>(wp, x, y, out, in); break;
+    case 4: run_rows<4>(wp, x, y, out, in); break;
+    case 5: run_rows<5>(wp, x, y, out, in); break;
+    case 6: run_rows<6>(wp, x, y, out, in); break;
+    case 7: run_rows<7>(wp, x, y, out, in); break;
+    default: run_rows<8>(wp, x, y, out, in); break;
+  }
+}
+
+void layer_norm_rows(const float* x, float* y, const float* w, const float* b, double eps, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float* yr = y + r * d;
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < d; ++i) mean += xr[i];
+    mean /= d;
+    for (int64_t i = 0; i < d; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var / d + eps));
+    const float m = static_cast<float>(mean);
+    for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] - m) * rstd * w[i] + b[i];
+  }
+}
+
+// Attention of one query per (row, head) over `len` keys. q: [rows, H*hd] (row stride q_stride);
+// k, v: [rows, H, cap, hd]; bias: [rows, len] additive or nullptr; out: [rows, H*hd].
+void attend(const float* q, int64_t q_stride, const float* k, const float* v, int64_t cap, int64_t len,
+            const float* bias, float scale, float* out, int64_t rows, int64_t heads, int64_t hd) {
+  at::parallel_for(0, rows * heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(len);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / heads, h = t % heads;
+      const float* qv = q + r * q_stride + h * hd;
+      const float* kb = k + t * cap * hd;
+      const float* vb = v + t * cap * hd;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < len; ++j) {
+        float acc = 0.0f;
+        if (hd % kChunk == 0) {
+          v16 part{};
+          for (int64_t e = 0; e < hd; e += kChunk) part += load16(qv + e) * load16(kb + j * hd + e);
+          acc = reduce16(part);
+        } else {
+          for (int64_t e = 0; e < hd; ++e) acc += qv[e] * kb[j * hd + e];
+        }
+        acc *= scale;
+        if (bias) acc += bias[r * len + j];
+        s[j] = acc;
+        mx = std::max(mx, acc);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < len; ++j) {
+        s[j] = std::exp(s[j] - mx);
+        total += s[j];
+      }
+      float* o = out + r * heads * hd + h * hd;
+      for (int64_t e = 0; e < hd; ++e) o[e] = 0.0f;
+      for (int64_t j = 0; j < len; ++j) {
+        const float p = s[j] / total;
+        for (int64_t e = 0; e < hd; ++e) o[e] += p * vb[j * hd + e];
+      }
+    }
+  });
+}
+
+// x [R, D]; weights: ln1 w, ln1 b, qkv, self_out, ln2 w, ln2 b, cross_q, cross_out, ln3 w, ln3 b, fc1, fc2
+// (projections blocked); caches: self_k, self_v [R, H, L, hd], cross_k, cross_v [R, H, S, hd],
+// cross_bias [R, S]; eps: the three layer norms' epsilons. Returns the new x [R, D].
+at::Tensor layer_step(const at::Tensor& x_in, at::TensorList w, at::TensorList c, int64_t pos, int64_t heads,
+                      double cross_scale, at::ArrayRef<double> eps) {
+  TORCH_CHECK(w.size() == 12 && c.size() == 5 && eps.size() == 3, "layer_step: wrong argument lists");
+  const at::Tensor x0 = x_in.contiguous();
+  const int64_t rows = x0.size(0), d = x0.size(1), hd = d / heads;
+  const int64_t cap = c[0].size(2), text = c[2].size(2), ffn = w[10].size(0) * kBlockRows;
+  TORCH_CHECK(rows >= 1 && rows <= 8 && pos >= 0 && pos < cap, "layer_step: bad rows or position");
+  for (const auto& t : c) TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "layer_step: cache layout");
+  at::Tensor x = x0.clone();
+  float* xp = x.data_ptr<float>();
+  std::vector<float> h(rows * d), a(rows * d), y(rows * std::max<int64_t>(3 * d, ffn));
+  auto f = [](const at::Tensor& t) { return t.data_ptr<float>(); };
+
+  // self-attention
+  layer_norm_rows(xp, h.data(), f(w[0]), f(w[1]), eps[0], rows, d);
+  run_skinny(h.data(), w[2], y.data(), rows);  // [rows, 3d]: q | k | v
+  float* sk = f(c[0]);
+  float* sv = f(c[1]);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      std::memcpy(sk + ((r * heads + hh) * cap + pos) * hd, y.data() + r * 3 * d + d + hh * hd, hd * sizeof(float));
+      std::memcpy(sv + ((r * heads + hh) * cap + pos) * hd, y.data() + r * 3 * d + 2 * d + hh * hd, hd * sizeof(float));
+    }
+  attend(y.data(), 3 * d, sk, sv, cap, pos + 1, nullptr, 1.0f, a.data(), rows, heads, hd);
+  run_skinny(a.data(), w[3], y.data(), rows);
+  for (int64_t i = 0; i < rows * d; ++i) xp[i] += y[i];
+
+  // cross-attention over the text
+  layer_norm_rows(xp, h.data(), f(w[4]), f(w[5]), eps[1], rows, d);
+  run_skinny(h.data(), w[6], y.data(), rows);
+  attend(y.data(), d, f(c[2]), f(c[3]), text, text, f(c[4]), static_cast<float>(cross_scale), a.data(), rows, heads, hd);
+  run_skinny(a.data(), w[7], y.data(), rows);
+  for (int64_t i = 0; i < rows * d; ++i) xp[i] += y[i];
+
+  // feed-forward
+  layer_norm_rows(xp, h.data(), f(w[8]), f(w[9]), eps[2], rows, d);
+  run_skinny(h.data(), w[10], y.data(), rows);
+  {
+    at::Tensor act = at::from_blob(y.data(), {rows * ffn}, x.options());
+    at::gelu_(act);  // ATen's exact (erf) GELU: vectorised, as nn.functional.gelu
+  }
+  std::vector<float> g(rows * d);
+  run_skinny(y.data(), w[11], g.data(), rows);
+  for (int64_t i = 0; i < rows * d; ++i) xp[i] += g[i];
+  return x;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(tydust, m) { m.def("skinny_mm(Tensor x, Tensor wb) -> Tensor"); }
+TORCH_LIBRARY(tydust, m) {
+  m.def("skinny_mm(Tensor x, Tensor wb) -> Tensor");
+  m.def("layer_step(Tensor x, Tensor[] weights, Tensor[] caches, int pos, int heads, float cross_scale, float[] eps) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(tydust, CPU, m) { m.impl("skinny_mm", &skinny_mm); }
+TORCH_LIBRARY_IMPL(tydust, CPU, m) {
+  m.impl("skinny_mm", &skinny_mm);
+  m.impl("layer_step", &layer_step);
+}

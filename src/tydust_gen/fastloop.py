@@ -128,7 +128,11 @@ def _pack_int8(weight):
 
 @dataclass
 class _Layer:
-    """Weights of one pre-LN decoder layer, ready for the step function."""
+    """Weights of one pre-LN decoder layer, ready for the step function.
+
+    ``native``: the arguments of ``torch.ops.tydust.layer_step`` (layer norms and
+    blocked projections, see cpu_kernel.cpp), or None when the layer runs op by op.
+    """
 
     ln_self: tuple
     qkv: _Dense  # fused self-attention q, k, v: [3D, D]
@@ -141,6 +145,7 @@ class _Layer:
     ln_ffn: tuple
     fc1: _Dense
     fc2: _Dense
+    native: tuple | None = None  # (weights list, eps list)
 
 
 @dataclass
@@ -188,27 +193,35 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
 
     layers = []
     for layer in dec.layers:
+        ln_self, ln_cross, ln_ffn = ln(layer.self_attn_layer_norm), ln(layer.encoder_attn_layer_norm), ln(layer.final_layer_norm)
         sa, ca = layer.self_attn, layer.encoder_attn
         for proj in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, layer.fc1, layer.fc2):
             if proj.bias is not None:
                 raise GenerationError("the fast backend expects bias-free decoder projections; use --backend stock")
         # Folding 1/sqrt(head_dim) into the q rows saves one op per layer and step.
         qkv = torch.cat([sa.q_proj.weight * sa.scaling, sa.k_proj.weight, sa.v_proj.weight], dim=0).detach()
-        layers.append(
-            _Layer(
-                ln_self=ln(layer.self_attn_layer_norm),
-                qkv=dense(qkv),
-                self_out=dense(sa.out_proj.weight),
-                ln_cross=ln(layer.encoder_attn_layer_norm),
-                cross_q=dense(ca.q_proj.weight),
-                cross_out=dense(ca.out_proj.weight),
-                cross_k=ca.k_proj.weight.detach(),
-                cross_v=ca.v_proj.weight.detach(),
-                ln_ffn=ln(layer.final_layer_norm),
-                fc1=dense(layer.fc1.weight),
-                fc2=dense(layer.fc2.weight),
-            )
+        item = _Layer(
+            ln_self=ln_self,
+            qkv=dense(qkv),
+            self_out=dense(sa.out_proj.weight),
+            ln_cross=ln_cross,
+            cross_q=dense(ca.q_proj.weight),
+            cross_out=dense(ca.out_proj.weight),
+            cross_k=ca.k_proj.weight.detach(),
+            cross_v=ca.v_proj.weight.detach(),
+            ln_ffn=ln_ffn,
+            fc1=dense(layer.fc1.weight),
+            fc2=dense(layer.fc2.weight),
         )
+        projections = (item.qkv, item.self_out, item.cross_q, item.cross_out, item.fc1, item.fc2)
+        if kernel and all(p.blocked is not None for p in projections) and cfg.activation_function == "gelu":
+            weights = [
+                ln_self[0], ln_self[1], item.qkv.blocked, item.self_out.blocked,
+                ln_cross[0], ln_cross[1], item.cross_q.blocked, item.cross_out.blocked,
+                ln_ffn[0], ln_ffn[1], item.fc1.blocked, item.fc2.blocked,
+            ]
+            item.native = (weights, [float(ln_self[2]), float(ln_cross[2]), float(ln_ffn[2])])
+        layers.append(item)
     heads = torch.cat([h.weight for h in causal_lm.lm_heads], dim=0).detach()
     if cfg.activation_function == "gelu":
         gelu = F.gelu
@@ -253,6 +266,7 @@ class _Window:
     cross_bias: Any  # [B', 1, 1, S] additive (prefill)
     cross_bias_flat: Any  # [B'·H, 1, S] additive (one position)
     length: int  # L, positions the cache holds
+    cross_bias_rows: Any = None  # [B', S] additive (the native layer step)
 
 
 def _open_window(prep: _Prepared, cond: Conditioning, length: int) -> _Window:
@@ -276,7 +290,7 @@ def _open_window(prep: _Prepared, cond: Conditioning, length: int) -> _Window:
     bias = torch.zeros(keep.shape, dtype=prep.dtype, device=prep.device).masked_fill(~keep, MASK_BIAS)
     bias = bias[:, None, None, :]
     flat = bias.expand(rows, prep.num_heads, 1, text_len).reshape(rows * prep.num_heads, 1, text_len)
-    return _Window(self_k, self_v, cross_k, cross_v, bias, flat, length)
+    return _Window(self_k, self_v, cross_k, cross_v, bias, flat, length, bias.reshape(rows, text_len).contiguous())
 
 
 def _layer_norm(x, ln):
@@ -311,6 +325,8 @@ def _decoder(prep: _Prepared, win: _Window, tokens, start: int | None, pos_t=Non
     if steps > 1:
         return _prefill_layers(prep, win, x)
     h_, d_, n = prep.num_heads, prep.head_dim, rows * prep.num_heads
+    if pos_t is None and rows <= cpu_kernel.MAX_ROWS and all(layer.native is not None for layer in prep.layers):
+        return _native_layers(prep, win, x, start)
     if pos_t is None:
         end = start + 1
         self_bias = None
@@ -348,6 +364,20 @@ def _decoder(prep: _Prepared, win: _Window, tokens, start: int | None, pos_t=Non
         h = _layer_norm(x, layer.ln_ffn)
         x = x + layer.fc2(prep.gelu(layer.fc1(h)))
     return _layer_norm(x, prep.final_ln)
+
+
+def _native_layers(prep: _Prepared, win: _Window, x, start: int):
+    """All layers for one position through ``torch.ops.tydust.layer_step`` (CPU, fp32): one call a layer."""
+    import torch
+
+    rows = x.shape[0]
+    h = x.reshape(rows, prep.hidden)
+    step = torch.ops.tydust.layer_step
+    for i, layer in enumerate(prep.layers):
+        weights, eps = layer.native
+        caches = [win.self_k[i], win.self_v[i], win.cross_k[i], win.cross_v[i], win.cross_bias_rows]
+        h = step(h, weights, caches, start, prep.num_heads, prep.scale, eps)
+    return _layer_norm(h.view(rows, 1, prep.hidden), prep.final_ln)
 
 
 def _prefill_layers(prep: _Prepared, win: _Window, x):
