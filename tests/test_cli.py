@@ -114,6 +114,27 @@ def test_existing_outputs_are_refused_then_replaced_with_force(workdir, run_cli)
     check_mp3(mp3, 0.6)
 
 
+def test_a_record_left_alone_is_not_overwritten_without_force(workdir, run_cli):
+    assert run_cli("game_over", "-d", "0.4", "-o", "out").exit_code == 0
+    (workdir / "out/game_over.mp3").unlink()
+    (workdir / "out/game_over.ogg").unlink()
+    record = (workdir / "out/game_over.json").read_bytes()
+    result = run_cli("game_over", "-d", "0.4", "-o", "out")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {Path('out/game_over.json')} already exists; pass --force to replace it"
+    assert (workdir / "out/game_over.json").read_bytes() == record
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["game_over.json"]
+
+
+def test_json_run_that_stops_early_still_prints_an_object(workdir, run_cli):
+    result = run_cli("phase9", "--json")
+    assert result.exit_code == 2
+    payload = json.loads(result.stdout)
+    assert payload["ok"] is False and payload["exit_code"] == 2 and payload["tracks"] == []
+    assert payload["error"].startswith("no prompt file for track 'phase9'")
+    assert result.stderr.strip() == f"error: {payload['error']}"
+
+
 def test_quiet_prints_nothing_and_piped_output_has_no_progress_bar(workdir, run_cli):
     quiet = run_cli("game_over", "-d", "0.4", "-o", "q", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""

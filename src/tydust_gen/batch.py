@@ -49,8 +49,13 @@ def track_names(names: list[str] | None, all_tracks: bool, prompts_dir: Path) ->
 
 
 def existing_outputs(plan: TrackPlan) -> list[Path]:
-    """Outputs of any take of ``plan`` that already exist."""
-    return [p for take in plan.takes for p in export.output_paths(plan.out_dir, take).values() if p.exists()]
+    """Outputs of any take of ``plan`` (MP3, OGG, provenance record) that already exist."""
+    paths = [
+        p
+        for take in plan.takes
+        for p in (*export.output_paths(plan.out_dir, take).values(), provenance.record_path(plan.out_dir, take))
+    ]
+    return [p for p in paths if p.exists()]
 
 
 def select(plans: list[TrackPlan], *, force: bool, skip_existing: bool, model: dict[str, Any]) -> tuple[list[TrackPlan], list[Skipped]]:

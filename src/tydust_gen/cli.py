@@ -243,16 +243,28 @@ def generate_cmd(
         if debug:
             raise
         rep.error(str(exc))
-        code = exc.exit_code
+        code = _json_failure(as_json, exc.exit_code, str(exc))
     except KeyboardInterrupt:
         rep.error("interrupted; unfinished tracks were not written")
-        code = EXIT_SIGINT
+        code = _json_failure(as_json, EXIT_SIGINT, "interrupted")
     except Terminated:
         rep.error("terminated; unfinished tracks were not written")
-        code = EXIT_SIGTERM
+        code = _json_failure(as_json, EXIT_SIGTERM, "terminated")
     finally:
         signal.signal(signal.SIGTERM, old_term)
     raise typer.Exit(code)
+
+
+def _json_failure(as_json: bool, code: int, message: str) -> int:
+    """With ``--json``, a run that stops early still prints one object: ``ok`` false, the exit code and why.
+
+    ``tracks`` is empty: tracks finished before an interrupt are on disk with their records.
+    """
+    if as_json:
+        payload = {"ok": False, "exit_code": code, "error": message, "tracks": []}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        sys.stdout.flush()
+    return code
 
 
 def _run(rep, tracks, cli_settings, model_ref, device_name, prompts_dir, out_dir, force, as_json, all_tracks=False, skip_existing=False) -> int:

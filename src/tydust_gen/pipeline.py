@@ -135,7 +135,8 @@ def plan_track(
     outputs = export.output_paths(dest, takes[0])
     if not overwrite:
         for take in takes:
-            candidates = list(export.output_paths(dest, take).values())
+            # the record too: TRACK.json alone (audio deleted by hand) is still an earlier take's history
+            candidates = [*export.output_paths(dest, take).values(), provenance.record_path(dest, take)]
             if mastering.preview:
                 candidates.append(dest / f"{take}{PREVIEW_SUFFIX}")
             existing = [p for p in candidates if p.exists()]
