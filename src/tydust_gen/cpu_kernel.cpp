@@ -40,10 +40,14 @@ inline v16 load16(const float* p) {
   return v;
 }
 
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+// Pairwise sum of the 16 lanes (halves, then quarters, ...): a few vector adds, not 15 scalar ones.
 inline float reduce16(v16 v) {
-  float s = 0.0f;
-  for (int k = 0; k < 16; ++k) s += v[k];
-  return s;
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 // Rows [g·G, g·G + G) of blocks [b0, b1) for R input rows.
