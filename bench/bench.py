@@ -355,6 +355,8 @@ def main(argv=None) -> int:
                     "best_rep_vs_floor": min(per[name]["rep_medians"]) * 1e3 / floor["floor_ms"],
                     # each repetition against a floor probed just before it, median over repetitions
                     "vs_adjacent_floor": statistics.median(per[name]["rep_vs_floor"]),
+                    "rep_step_ms": [round(v * 1e3, 2) for v in per[name]["rep_medians"]],
+                    "rep_vs_adjacent_floor": [round(v, 3) for v in per[name]["rep_vs_floor"]],
                     "tokens_equal_" + impls[0]: same[name],
                 }
                 result["runs"].append(row)

@@ -39,7 +39,7 @@ DISABLE_ENV = "TYDUST_CPU_KERNEL"  # "0" turns the kernel off
 CACHE_ENV = "TYDUST_KERNEL_CACHE"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BUILD_TIMEOUT_S = 300
-BLOCK_ROWS = 8  # output rows per block (the kernel's kBlockRows)
+BLOCK_ROWS = 4  # output rows per block (the kernel's kBlockRows)
 CHUNK = 16  # input columns per chunk (kChunk)
 MAX_ROWS = 8  # the kernel handles 1 to 8 rows per call
 
@@ -218,7 +218,7 @@ def status() -> KernelStatus | None:
 
 
 def can_block(weight) -> bool:
-    """Whether ``weight [out, in]`` has the kernel's shape and type (out % 8 == 0, in % 16 == 0, float32, CPU)."""
+    """Whether ``weight [out, in]`` has the kernel's shape and type (out % 4 == 0, in % 16 == 0, float32, CPU)."""
     import torch
 
     return (
@@ -231,7 +231,7 @@ def can_block(weight) -> bool:
 
 
 def block_weight(weight):
-    """``[out, in]`` → the kernel's blocked copy ``[out/8, in/16, 8, 16]`` (see cpu_kernel.cpp)."""
+    """``[out, in]`` → the kernel's blocked copy ``[out/4, in/16, 4, 16]`` (see cpu_kernel.cpp)."""
     out, inp = weight.shape
     return (
         weight.detach()
