@@ -126,22 +126,20 @@ def test_build_writes_only_the_library(tmp_path):
 @needs_compiler
 @pytest.mark.parametrize("prompts", [1, 4], ids=["one-take", "four-takes"])
 def test_native_layer_step_matches_op_by_op(kernel, tiny_loaded, prompts):
-    """One ``layer_step`` call per layer gives the op-by-op step's logits (2 and 8 rows with guidance)."""
+    """One ``layers_step`` call per step gives the op-by-op step's logits (2 and 8 rows with guidance)."""
     backend = FastBackend()
     prep = backend.prepared(tiny_loaded)
-    assert all(layer.native is not None for layer in prep.layers)
+    assert prep.native is not None and all(layer.native is not None for layer in prep.layers)
     cond = encode_text(tiny_loaded, ["dark synth bass", "calm menu", "boss fight", "game over"][:prompts], 3.0)
     torch.manual_seed(5)
     ids = torch.randint(0, tiny_loaded.codebook_size, (prompts * 4, 12))
     native = backend.teacher_forced_logits(tiny_loaded, cond, ids)
-    saved = [layer.native for layer in prep.layers]
+    saved = prep.native
     try:
-        for layer in prep.layers:
-            layer.native = None
+        prep.native = None
         op_by_op = backend.teacher_forced_logits(tiny_loaded, cond, ids)
     finally:
-        for layer, n in zip(prep.layers, saved):
-            layer.native = n
+        prep.native = saved
     assert native.shape == op_by_op.shape == (2 * prompts * 4, 12, tiny_loaded.codebook_size)
     assert ((native - op_by_op).abs().max() / op_by_op.abs().max()).item() < 1e-5
     assert torch.equal(native.argmax(-1), op_by_op.argmax(-1))

@@ -130,8 +130,9 @@ def _pack_int8(weight):
 class _Layer:
     """Weights of one pre-LN decoder layer, ready for the step function.
 
-    ``native``: the arguments of ``torch.ops.tydust.layer_step`` (layer norms and
-    blocked projections, see cpu_kernel.cpp), or None when the layer runs op by op.
+    ``native``: this layer's part of ``torch.ops.tydust.layers_step``'s arguments (12
+    tensors: layer norms and blocked projections, see cpu_kernel.cpp; 3 epsilons), or
+    None when the layer can only run op by op.
     """
 
     ln_self: tuple
@@ -167,6 +168,7 @@ class _Prepared:
     gelu: Callable
     dtype: Any
     device: Any
+    native: tuple | None = None  # (flat weights, flat eps) of every layer for layers_step, or None
 
 
 def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
@@ -228,7 +230,14 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
     else:  # pragma: no cover - every MusicGen checkpoint uses exact GELU
         gelu = dec.layers[0].activation_fn
     weight_dtype = heads.dtype
+    native = None
+    if layers and all(layer.native is not None for layer in layers):
+        native = (
+            [t for layer in layers for t in layer.native[0]],
+            [e for layer in layers for e in layer.native[1]],
+        )
     return _Prepared(
+        native=native,
         device=heads.device,
         model_id=id(loaded.model),
         embed=[e.weight.detach() for e in dec.embed_tokens],
@@ -266,7 +275,7 @@ class _Window:
     cross_bias: Any  # [B', 1, 1, S] additive (prefill)
     cross_bias_flat: Any  # [B'·H, 1, S] additive (one position)
     length: int  # L, positions the cache holds
-    cross_bias_rows: Any = None  # [B', S] additive (the native layer step)
+    native_caches: list | None = None  # layers_step's cache list (4 per layer, then the [B', S] bias)
 
 
 def _open_window(prep: _Prepared, cond: Conditioning, length: int) -> _Window:
@@ -290,7 +299,11 @@ def _open_window(prep: _Prepared, cond: Conditioning, length: int) -> _Window:
     bias = torch.zeros(keep.shape, dtype=prep.dtype, device=prep.device).masked_fill(~keep, MASK_BIAS)
     bias = bias[:, None, None, :]
     flat = bias.expand(rows, prep.num_heads, 1, text_len).reshape(rows * prep.num_heads, 1, text_len)
-    return _Window(self_k, self_v, cross_k, cross_v, bias, flat, length, bias.reshape(rows, text_len).contiguous())
+    native = None
+    if prep.native is not None:
+        native = [t for i in range(len(prep.layers)) for t in (self_k[i], self_v[i], cross_k[i], cross_v[i])]
+        native.append(bias.reshape(rows, text_len).contiguous())
+    return _Window(self_k, self_v, cross_k, cross_v, bias, flat, length, native)
 
 
 def _layer_norm(x, ln):
@@ -325,7 +338,7 @@ def _decoder(prep: _Prepared, win: _Window, tokens, start: int | None, pos_t=Non
     if steps > 1:
         return _prefill_layers(prep, win, x)
     h_, d_, n = prep.num_heads, prep.head_dim, rows * prep.num_heads
-    if pos_t is None and rows <= cpu_kernel.MAX_ROWS and all(layer.native is not None for layer in prep.layers):
+    if pos_t is None and rows <= cpu_kernel.MAX_ROWS and prep.native is not None and win.native_caches is not None:
         return _native_layers(prep, win, x, start)
     if pos_t is None:
         end = start + 1
@@ -367,16 +380,14 @@ def _decoder(prep: _Prepared, win: _Window, tokens, start: int | None, pos_t=Non
 
 
 def _native_layers(prep: _Prepared, win: _Window, x, start: int):
-    """All layers for one position through ``torch.ops.tydust.layer_step`` (CPU, fp32): one call a layer."""
+    """All layers for one position in one ``torch.ops.tydust.layers_step`` call (CPU, fp32)."""
     import torch
 
     rows = x.shape[0]
-    h = x.reshape(rows, prep.hidden)
-    step = torch.ops.tydust.layer_step
-    for i, layer in enumerate(prep.layers):
-        weights, eps = layer.native
-        caches = [win.self_k[i], win.self_v[i], win.cross_k[i], win.cross_v[i], win.cross_bias_rows]
-        h = step(h, weights, caches, start, prep.num_heads, prep.scale, eps)
+    weights, eps = prep.native
+    h = torch.ops.tydust.layers_step(
+        x.reshape(rows, prep.hidden), weights, win.native_caches, start, prep.num_heads, prep.scale, eps
+    )
     return _layer_norm(h.view(rows, 1, prep.hidden), prep.final_ln)
 
 
