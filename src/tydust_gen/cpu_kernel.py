@@ -2,10 +2,11 @@
 
 The ``fast`` backend's CPU step multiplies each decoder weight by 2 rows (8 with
 4 variations); that product is bound by reading the weight from memory, and
-MKL's small-N sgemm reads at about 80 % of what a plain ``sum()`` of the same
-bytes reaches on our 2-core machine. ``cpu_kernel.cpp`` reads a blocked copy of
-each weight as one sequential stream per thread (see its header comment) and gets
-within a few per cent of the ``sum()`` rate (docs/BENCHMARKS.md).
+MKL's small-N sgemm reads at 50–80 % of what a plain ``sum()`` of the same bytes
+reaches on our 2-core machine. ``cpu_kernel.cpp`` reads a blocked copy of each
+weight as one sequential stream per thread (see its header comment) and gets to
+0.8–0.94 of the ``sum()`` rate; it also runs all decoder layers of a step in one
+call (``layers_step``), so Python is paid once a step (docs/BENCHMARKS.md).
 
 Building: the first time a process needs the kernel, :func:`load` compiles the
 source with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``;
