@@ -83,7 +83,7 @@ def check_cpu_kernel() -> list[Check]:
     state = cpu_kernel.load()
     if state.available:
         return [Check("CPU kernel", True, f"built: {state.detail}", required=False)]
-    return [Check("CPU kernel", True, f"not in use ({state.detail}); CPU decoding uses MKL, about 1.2x slower", required=False)]
+    return [Check("CPU kernel", True, f"not in use ({state.detail}); CPU decoding uses MKL, about 1.3x slower", required=False)]
 
 
 def check_ffmpeg() -> list[Check]:
