@@ -143,3 +143,21 @@ def test_native_layer_step_matches_op_by_op(kernel, tiny_loaded, prompts):
     assert native.shape == op_by_op.shape == (2 * prompts * 4, 12, tiny_loaded.codebook_size)
     assert ((native - op_by_op).abs().max() / op_by_op.abs().max()).item() < 1e-5
     assert torch.equal(native.argmax(-1), op_by_op.argmax(-1))
+
+
+def test_cli_says_when_it_builds_the_kernel_and_when_it_cannot(workdir, run_cli, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "pending_build", lambda: True)
+    monkeypatch.setattr(cpu_kernel, "load", lambda: cpu_kernel.KernelStatus(False, "no C++ compiler (g++, c++ or clang++) on PATH"))
+    result = run_cli("game_over", "-d", "0.4", "-o", "out")
+    assert result.exit_code == 0, result.stderr
+    assert "building the CPU decode kernel (once per machine" in result.stderr
+    assert (
+        "warning: CPU decode kernel not in use (no C++ compiler (g++, c++ or clang++) on PATH); "
+        "decoding on MKL instead, about 1.3x slower"
+    ) in result.stderr
+    quiet = run_cli("game_over", "-d", "0.4", "-o", "q", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_pending_build_is_false_once_loaded(kernel):
+    assert cpu_kernel.pending_build() is False

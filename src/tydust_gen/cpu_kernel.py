@@ -185,7 +185,7 @@ def load() -> KernelStatus:
     global _status
     if _status is not None:
         return _status
-    if os.environ.get(DISABLE_ENV, "").strip() == "0":
+    if turned_off():
         _status = KernelStatus(False, f"turned off by {DISABLE_ENV}=0")
         return _status
     import torch
@@ -211,6 +211,19 @@ def load() -> KernelStatus:
     why = _self_check()
     _status = KernelStatus(why is None, why or str(target))
     return _status
+
+
+def turned_off() -> bool:
+    """``TYDUST_CPU_KERNEL=0`` is set."""
+    return os.environ.get(DISABLE_ENV, "").strip() == "0"
+
+
+def pending_build() -> bool:
+    """Whether :func:`load` would compile now (nothing loaded yet, a compiler, no cached library)."""
+    if _status is not None or turned_off() or _already_registered():
+        return False
+    compiler = _compiler()
+    return compiler is not None and not _library_path(compiler).is_file()
 
 
 def status() -> KernelStatus | None:
