@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+from tydust_gen.export.ffmpeg import find_ffmpeg
+from tydust_gen.export.loudness import master_for_encoding
+from tydust_gen.export.tags import TrackTags
+
 HERE = Path(__file__).resolve().parent
 CONFIG_PATH = HERE / "musicgen_small_config.json"
 FLOOR_SWEEP_BYTES = 1 << 30  # 1 GiB buffer for the bandwidth probe: far beyond any cache
@@ -43,8 +47,8 @@ def build_full_size(device: torch.device, dtype: torch.dtype):
         T5Config,
     )
 
-    from tydust_gen.engine import LoadedModel, ModelSource, quiet_transformers
-    from tydust_gen.tiny import build_tiny_model
+    from tydust_gen.model.loading import LoadedModel, ModelSource, quiet_transformers
+    from tydust_gen.model.tiny import build_tiny_model
 
     quiet_transformers()
     raw = json.loads(CONFIG_PATH.read_text())
@@ -128,11 +132,13 @@ def resample_and_export(wave, duration_s: float) -> float:
     loudness/true-peak mastering checked on the encoded files, MP3 + OGG encode and verify."""
     import tempfile
 
-    from tydust_gen import audio, export, master
-    from tydust_gen.generate import Waveform
+    from tydust_gen.audio import master
+    from tydust_gen.audio import resample as audio
+    from tydust_gen.base.waveform import Waveform
+    from tydust_gen.export import staging as export
 
-    ffmpeg = export.find_ffmpeg()
-    tags = export.TrackTags(title="bench", genre=None, comment="bench")
+    ffmpeg = find_ffmpeg()
+    tags = TrackTags(title="bench", genre=None, comment="bench")
     t = time.perf_counter()
     stereo = audio.to_44k1_stereo(wave, duration_s)
     x = master.remove_dc(stereo.samples.numpy(), stereo.sample_rate)
@@ -140,7 +146,7 @@ def resample_and_export(wave, duration_s: float) -> float:
         def encode(result):
             return staging.encode(Waveform(torch.from_numpy(result.samples.copy()), stereo.sample_rate), tags)
 
-        master.master_for_encoding(x, stereo.sample_rate, encode)
+        master_for_encoding(x, stereo.sample_rate, encode)
         staging.publish(duration_s)
     return time.perf_counter() - t
 
@@ -161,8 +167,8 @@ def read_bandwidth(device, reps: int = 7) -> float:
 
 def run_backend(loaded, backend, cond, duration_s: float):
     """Generate one track's codes; returns (codes, per-step seconds, LM seconds)."""
-    from tydust_gen.generate import generate_codes
-    from tydust_gen.settings import GenerationSettings
+    from tydust_gen.base.settings import GenerationSettings
+    from tydust_gen.model.generate import generate_codes
 
     stamps = []
 
@@ -184,8 +190,8 @@ def run_backend(loaded, backend, cond, duration_s: float):
 
 def make_impl(name: str):
     """A backend by CLI name, plus ``fast-mkl``: the fast loop with MKL instead of the native CPU kernel."""
-    from tydust_gen.backends import make_backend
-    from tydust_gen.fastloop import FastBackend
+    from tydust_gen.model.backends import make_backend
+    from tydust_gen.model.fast import FastBackend
 
     return FastBackend(native=False) if name == "fast-mkl" else make_backend(name)
 
@@ -197,8 +203,8 @@ def pct(values, q):
 
 def parity(loaded, positions: int) -> dict:
     """fp32 teacher forcing: our incremental logits vs transformers' full forward, max relative error."""
-    from tydust_gen.engine import encode_text
-    from tydust_gen.fastloop import FastBackend
+    from tydust_gen.model.conditioning import encode_text
+    from tydust_gen.model.fast import FastBackend
 
     cond = encode_text(loaded, PROMPTS[:1], 3.0)
     torch.manual_seed(5)
@@ -214,7 +220,7 @@ def parity(loaded, positions: int) -> dict:
 
 def int8_quality(loaded, codes, cond) -> dict:
     """Teacher-force fp32-generated codes through fp32 and int8; compare the guided next-token distributions."""
-    from tydust_gen.fastloop import FastBackend, delay_pattern
+    from tydust_gen.model.fast import FastBackend, delay_pattern
 
     start = int(loaded.model.generation_config.decoder_start_token_id)
     b, k = cond.batch_size, loaded.num_codebooks
@@ -254,9 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="default: bench/results/<device type>.json")
     args = ap.parse_args(argv)
 
-    from tydust_gen.backends import make_backend
-    from tydust_gen.engine import encode_text
-    from tydust_gen.generate import decode_codes
+    from tydust_gen.model.conditioning import encode_text
+    from tydust_gen.model.generate import decode_codes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,7 +288,7 @@ def main(argv=None) -> int:
 
     backends = {name: make_impl(name) for name in impls}
     if device.type == "cpu":
-        from tydust_gen import cpu_kernel
+        from tydust_gen.model import cpu_kernel
 
         result["cpu_kernel"] = {"available": cpu_kernel.load().available, "detail": cpu_kernel.load().detail}
         print("cpu kernel:", result["cpu_kernel"], flush=True)

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import PROMPTS, build_full_size, parity  # noqa: E402
-
-from tydust_gen.engine import LoadedModel, encode_text  # noqa: E402
-from tydust_gen.fastloop import FastBackend  # noqa: E402
-from tydust_gen.generate import StockBackend, generate_codes  # noqa: E402
-from tydust_gen.settings import GenerationSettings, SamplingSettings  # noqa: E402
-
 import os  # noqa: E402
+
+from bench import PROMPTS, build_full_size, parity  # noqa: E402
+from tydust_gen.base.settings import GenerationSettings, SamplingSettings  # noqa: E402
+from tydust_gen.model.conditioning import encode_text  # noqa: E402
+from tydust_gen.model.fast import FastBackend  # noqa: E402
+from tydust_gen.model.generate import generate_codes  # noqa: E402
+from tydust_gen.model.loading import LoadedModel
+from tydust_gen.model.stock import StockBackend
 
 GREEDY_S = float(os.environ.get("GPU_CHECK_SECONDS", "5"))  # seconds of audio for the token comparisons
 #: GPU_CHECK_DEVICE=cpu runs the same script as a (slow) smoke test without a GPU.

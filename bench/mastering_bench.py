@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synth.
 
 from synth import SR, encode, music  # noqa: E402
 
-from tydust_gen.loop import make_loop, seam_metric  # noqa: E402
-from tydust_gen.master import master_for_encoding, remove_dc  # noqa: E402
+from tydust_gen.audio.loop import make_loop, seam_metric  # noqa: E402
+from tydust_gen.audio.master import remove_dc  # noqa: E402
+from tydust_gen.export.loudness import master_for_encoding
 
 LOOP_S = 90.0  # s
 OVERRUN_S = 3.0  # s

@@ -42,7 +42,7 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from tydust_gen.cli import app
-    from tydust_gen.tiny import save_tiny_model
+    from tydust_gen.model.tiny import save_tiny_model
 
     runner = CliRunner()
     rows = []

@@ -6,7 +6,6 @@ set for every test so nothing can reach (or silently use) a hub cache.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -22,10 +21,12 @@ sys.path.insert(0, str(REPO / "src"))
 
 from synth import SR, encode, music  # noqa: E402
 
+from tydust_gen.audio.loop import LoopResult, make_loop
+from tydust_gen.audio.master import remove_dc  # noqa: E402
 from tydust_gen.cli import app  # noqa: E402
-from tydust_gen.loop import LoopResult, make_loop, write_loop_tags  # noqa: E402
-from tydust_gen.master import EncodedMasterResult, master_for_encoding, remove_dc  # noqa: E402
-from tydust_gen.tiny import save_tiny_model  # noqa: E402
+from tydust_gen.export.loudness import EncodedMasterResult, master_for_encoding
+from tydust_gen.export.tags import write_loop_tags  # noqa: E402
+from tydust_gen.model.tiny import save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,7 @@ def tiny_loaded(tiny_model_dir):
     """The tiny model loaded once through the same code path the CLI uses."""
     import torch
 
-    from tydust_gen import engine
+    from tydust_gen.model import loading as engine
 
     return engine.load_model(engine.resolve_source(str(tiny_model_dir)), torch.device("cpu"))
 

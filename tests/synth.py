@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tydust_gen.master import ffmpeg_exe
+from tydust_gen.export.loudness import ffmpeg_exe
 
 SR = 44_100  # Hz
 NOTES_HZ = (110.0, 146.83, 164.81, 220.0, 261.63, 329.63, 392.0, 440.0)

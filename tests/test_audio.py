@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from tydust_gen import audio
-from tydust_gen.generate import Waveform
+from tydust_gen.audio import resample as audio
+from tydust_gen.base.waveform import Waveform
 
 
 def tone(freq: float, seconds: float, rate: int, amp: float = 0.5, offset: float = 0.0) -> Waveform:

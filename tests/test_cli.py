@@ -7,16 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO, files_under
 from mutagen.mp3 import MP3, BitrateMode
 from mutagen.oggvorbis import OggVorbis
 
-from tydust_gen import engine
-
-from conftest import REPO, files_under
+from tydust_gen.export.loudness import decode_audio
+from tydust_gen.model import loading as engine
 
 PROMPT_FILES = ["prompts/game_over.txt", "prompts/menu_calm.toml", "prompts/phase3_combat.toml", "prompts/phase4_peak.toml"]
 
@@ -26,7 +25,7 @@ def check_mp3(path: Path, seconds: float) -> None:
     assert info.bitrate_mode == BitrateMode.CBR
     assert abs(info.bitrate - 192_000) <= 192  # mutagen's estimate from byte counts rounds short files
     assert info.sample_rate == 44_100 and info.channels == 2
-    from tydust_gen.export import mp3_gapless_duration
+    from tydust_gen.export.verify import mp3_gapless_duration
 
     assert abs(mp3_gapless_duration(path, 44_100) - seconds) < 0.05
 
@@ -195,7 +194,7 @@ def test_ffmpeg_missing(workdir, run_cli, no_model_load):
 
 
 def test_ffmpeg_without_vorbis(workdir, run_cli, no_model_load):
-    from tydust_gen.export import find_ffmpeg
+    from tydust_gen.export.ffmpeg import find_ffmpeg
 
     real = find_ffmpeg().path
     script = workdir / "ffmpeg"
@@ -240,15 +239,14 @@ def test_console_script_and_module_entry_points(workdir, tiny_model_dir):
 
 def test_fast_and_stock_backends_make_the_same_track(workdir, run_cli):
     """The default decode loop and transformers' generate give the same tokens, so the same audio."""
-    from tydust_gen import master
 
     for backend in ("fast", "stock"):
         result = run_cli("game_over", "-d", "1.3", "--window", "0.6", "--stride", "0.36", "--seed", "4",
                          "--backend", backend, "-o", backend, "--json")  # fmt: skip
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["tracks"][0]["settings"]["backend"] == backend
-    fast = master.decode_audio(workdir / "fast/game_over.ogg")
-    stock = master.decode_audio(workdir / "stock/game_over.ogg")
+    fast = decode_audio(workdir / "fast/game_over.ogg")
+    stock = decode_audio(workdir / "stock/game_over.ogg")
     assert fast.shape == stock.shape and (fast == stock).all()
 
 

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
-
-from tydust_gen import loop as loop_stage
-from tydust_gen import master
-
 from conftest import files_under
+
+from tydust_gen.audio import loop as loop_stage
+from tydust_gen.audio import master
+from tydust_gen.export.loudness import decode_audio
+from tydust_gen.export.tags import read_loop_tags
 
 
 def run_json(run_cli, *args):
@@ -26,11 +27,11 @@ def test_default_loudness_and_true_peak_measured_on_the_encoded_files(workdir, r
     assert abs(lo["output_lufs"] + 14.0) <= 0.5 and lo["target_reached"] and lo["ceiling_met"]
     for fmt in ("mp3", "ogg"):
         path = workdir / "out" / f"game_over.{fmt}"
-        decoded = master.decode_audio(path)
+        decoded = decode_audio(path)
         assert master.true_peak(decoded, 44_100) <= -1.0 + 1e-6
         assert abs(master.measure_loudness(decoded, 44_100) + 14.0) <= 0.5
         assert abs(lo["encoded_true_peak_dbtp"][fmt] - master.true_peak(decoded, 44_100)) < 0.05
-    assert abs(np.mean(master.decode_audio(workdir / "out/game_over.ogg"))) < 0.01  # the tiny model's DC is gone
+    assert abs(np.mean(decode_audio(workdir / "out/game_over.ogg"))) < 0.01  # the tiny model's DC is gone
     assert abs(lo["dc_offset"][0]) > 0.1
 
 
@@ -45,7 +46,7 @@ def test_custom_loudness_and_off(workdir, run_cli):
 
 def test_fades_shape_the_start_and_end(workdir, run_cli):
     run_json(run_cli, "game_over", "-d", "3", "--fade-in", "1", "--fade-out", "1", "-o", "out")
-    x = master.decode_audio(workdir / "out/game_over.ogg")[0]
+    x = decode_audio(workdir / "out/game_over.ogg")[0]
     rms = lambda a: float(np.sqrt(np.mean(a**2)))  # noqa: E731
     middle = rms(x[int(1.2 * 44_100) : int(1.8 * 44_100)])
     assert rms(x[:441]) < 0.1 * middle  # first 10 ms nearly silent
@@ -60,15 +61,15 @@ def test_loop_mode_writes_loop_points_and_a_seamless_wrap(workdir, run_cli):
     assert lp["seam_passed"] is True
     assert lp["seam_step_score"] <= lp["seam_step_threshold"] and lp["seam_flux"] <= lp["seam_flux_threshold"]
     assert "naive_cut_passed" in lp  # the hard cut of the same audio is measured beside it
-    tags = loop_stage.read_loop_tags(workdir / "out/menu_calm.ogg")
+    tags = read_loop_tags(workdir / "out/menu_calm.ogg")
     assert (tags.start, tags.length) == (0, 4 * 44_100)
-    decoded = master.decode_audio(workdir / "out/menu_calm.ogg")
+    decoded = decode_audio(workdir / "out/menu_calm.ogg")
     assert decoded.shape[1] == 4 * 44_100  # OGG is sample-exact: the loop length is the file length
     assert loop_stage.seam_metric(decoded, 44_100).passed
 
 
 def test_variations_give_distinct_takes_with_their_seed(workdir, run_cli):
-    from tydust_gen.variations import variation_seed
+    from tydust_gen.base.variations import variation_seed
 
     takes = run_json(run_cli, "game_over", "-d", "1", "-n", "3", "--seed", "5", "-o", "out")
     assert [t["track"] for t in takes] == ["game_over_v1", "game_over_v2", "game_over_v3"]
@@ -81,7 +82,7 @@ def test_variations_give_distinct_takes_with_their_seed(workdir, run_cli):
     assert record["result"]["take"] == 2 and record["mastering"]["variations"] == 3
     hashes = {f["sha256"] for t in takes for f in t["files"]}
     assert len(hashes) == 6
-    audio = [master.decode_audio(workdir / f"out/game_over_v{i}.ogg") for i in (1, 2, 3)]
+    audio = [decode_audio(workdir / f"out/game_over_v{i}.ogg") for i in (1, 2, 3)]
     assert not np.allclose(audio[0], audio[1], atol=1e-3) and not np.allclose(audio[1], audio[2], atol=1e-3)
 
 

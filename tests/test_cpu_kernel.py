@@ -13,11 +13,12 @@ import shutil
 import pytest
 import torch
 
-from tydust_gen import cpu_kernel
-from tydust_gen.engine import encode_text
-from tydust_gen.fastloop import FastBackend
-from tydust_gen.generate import StockBackend, generate_codes
-from tydust_gen.settings import GenerationSettings
+from tydust_gen.base.settings import GenerationSettings
+from tydust_gen.model import cpu_kernel
+from tydust_gen.model.conditioning import encode_text
+from tydust_gen.model.fast import FastBackend
+from tydust_gen.model.generate import generate_codes
+from tydust_gen.model.stock import StockBackend
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler on this machine"

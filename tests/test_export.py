@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import files_under
 from mutagen.mp3 import MP3, BitrateMode
 from mutagen.oggvorbis import OggVorbis
 
-from tydust_gen import export
-from tydust_gen.errors import ExportError, FfmpegError, OutputDirError
-from tydust_gen.generate import Waveform
+from tydust_gen.base.errors import ExportError, FfmpegError, OutputDirError
+from tydust_gen.base.waveform import Waveform
+from tydust_gen.export import staging as export
+from tydust_gen.export.ffmpeg import Ffmpeg, check_encoders, find_ffmpeg
+from tydust_gen.export.tags import TrackTags
 
-from conftest import files_under
-
-TAGS = export.TrackTags(title="Phase 4 - Peak", genre="darkwave", comment="dark synths | seed=7 | model=tiny", bpm=124)
+TAGS = TrackTags(title="Phase 4 - Peak", genre="darkwave", comment="dark synths | seed=7 | model=tiny", bpm=124)
 
 
 def stereo(seconds: float) -> Waveform:
@@ -28,8 +27,8 @@ def stereo(seconds: float) -> Waveform:
 
 @pytest.fixture(scope="module")
 def ffmpeg():
-    ff = export.find_ffmpeg()
-    export.check_encoders(ff)
+    ff = find_ffmpeg()
+    check_encoders(ff)
     return ff
 
 
@@ -86,7 +85,7 @@ def test_failed_encode_leaves_previous_take_and_no_temporaries(tmp_path, ffmpeg,
     before_bytes = {p: p.read_bytes() for p in out.iterdir()}
     # The OGG encode crashes after writing part of its output, the MP3 one succeeded first.
     body = 'case "$*" in *libvorbis*) for a; do last="$a"; done; echo junk > "$last"; echo "simulated crash" >&2; exit 1 ;; esac'
-    broken = export.Ffmpeg(fake_ffmpeg(tmp_path, ffmpeg.path, body), "test", "fake")
+    broken = Ffmpeg(fake_ffmpeg(tmp_path, ffmpeg.path, body), "test", "fake")
     with pytest.raises(ExportError, match="ffmpeg failed to encode t.ogg: simulated crash"):
         export.export_track(stereo(0.9), out, "t", TAGS, ffmpeg=broken, overwrite=True)
     assert {p: p.read_bytes() for p in out.iterdir()} == before_bytes  # byte-identical, nothing added
@@ -96,7 +95,7 @@ def test_failed_encode_leaves_previous_take_and_no_temporaries(tmp_path, ffmpeg,
 def test_missing_ffmpeg_and_missing_encoder(tmp_path, monkeypatch, ffmpeg):
     monkeypatch.setenv("TYDUST_FFMPEG", str(tmp_path / "nope"))
     with pytest.raises(FfmpegError, match="does not run"):
-        export.find_ffmpeg()
+        find_ffmpeg()
     script = tmp_path / "ffmpeg-novorbis"
     script.write_text(
         "#!/bin/sh\n"
@@ -105,10 +104,10 @@ def test_missing_ffmpeg_and_missing_encoder(tmp_path, monkeypatch, ffmpeg):
     )
     script.chmod(0o755)
     monkeypatch.setenv("TYDUST_FFMPEG", str(script))
-    found = export.find_ffmpeg()
+    found = find_ffmpeg()
     assert found.source == "TYDUST_FFMPEG"
     with pytest.raises(FfmpegError, match="lacks the libvorbis encoder"):
-        export.check_encoders(found)
+        check_encoders(found)
 
 
 def test_unwritable_output_folder(tmp_path):

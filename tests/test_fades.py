@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tydust_gen.errors import SettingsError
-from tydust_gen.master import apply_fades, equal_power_curve
+from tydust_gen.audio.master import apply_fades, equal_power_curve
+from tydust_gen.base.errors import SettingsError
 
 SR = 44_100
 

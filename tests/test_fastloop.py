@@ -8,13 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tydust_gen.backends import BACKEND_NAMES, DEFAULT_BACKEND, make_backend
-from tydust_gen.engine import LoadedModel, ModelSource, encode_text, load_model, resolve_source
-from tydust_gen.errors import SettingsError
-from tydust_gen.fastloop import FastBackend, delay_pattern
-from tydust_gen.generate import StockBackend, generate_codes
-from tydust_gen.settings import GenerationSettings, SamplingSettings
-from tydust_gen.tiny import save_tiny_model
+from tydust_gen.base.errors import SettingsError
+from tydust_gen.base.settings import GenerationSettings, SamplingSettings
+from tydust_gen.model.backends import BACKEND_NAMES, DEFAULT_BACKEND, make_backend
+from tydust_gen.model.conditioning import encode_text
+from tydust_gen.model.fast import FastBackend, delay_pattern
+from tydust_gen.model.generate import generate_codes
+from tydust_gen.model.loading import (
+    LoadedModel,
+    ModelSource,
+    load_model,
+    resolve_source,
+)
+from tydust_gen.model.stock import StockBackend
+from tydust_gen.model.tiny import save_tiny_model
 
 PROMPTS = ["dark synth bass", "calm menu music with a long tail of words"]  # unequal lengths: padding matters
 
@@ -28,9 +35,13 @@ def tiny(tmp_path_factory) -> LoadedModel:
 @pytest.fixture(scope="module")
 def midsize() -> LoadedModel:
     """A random MusicGen with a wider, deeper decoder than the tiny one (~7 M decoder weights)."""
-    from transformers import MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
+    from transformers import (
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+    )
 
-    from tydust_gen.tiny import build_tiny_model
+    from tydust_gen.model.tiny import build_tiny_model
 
     small, processor = build_tiny_model()
     decoder_cfg = MusicgenDecoderConfig(
@@ -185,7 +196,7 @@ def test_static_step_math_matches_on_cpu(tiny):
 
     The graph capture itself needs a GPU (bench/gpu_check.sh); its step function runs eagerly here.
     """
-    from tydust_gen.fastloop import _decoder, _logits, _open_window
+    from tydust_gen.model.fast import _decoder, _logits, _open_window
 
     cond = encode_text(tiny, PROMPTS, 3.0)
     torch.manual_seed(2)

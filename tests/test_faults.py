@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tydust_gen import export, generate
-
 from conftest import REPO, files_under
+
+from tydust_gen.export.ffmpeg import find_ffmpeg
+from tydust_gen.model.stock import StockBackend
 
 TAKE = ["game_over.json", "game_over.mp3", "game_over.ogg"]
 
@@ -134,7 +134,7 @@ def test_signal_in_new_folder_leaves_nothing(workdir, tiny_model_dir):
 def test_signal_while_ffmpeg_runs_kills_it(workdir, tiny_model_dir, out_with_take, tmp_path, to_group, sig, code, message):
     """ffmpeg is mid-encode (a wrapper that stalls): a signal to us, or to our whole process group, ends ffmpeg too."""
     out, before = out_with_take
-    real = export.find_ffmpeg().path
+    real = find_ffmpeg().path
     pidfile = tmp_path / "ffmpeg.pid"
     script = tmp_path / "slow-ffmpeg"
     script.write_text(
@@ -210,7 +210,7 @@ def test_really_full_disk(workdir, run_cli, earlier_take, private_tmp):
 
 def test_ffmpeg_killed_mid_encode(workdir, run_cli, out_with_take, tmp_path, private_tmp):
     out, before = out_with_take
-    real = export.find_ffmpeg().path
+    real = find_ffmpeg().path
     script = tmp_path / "crashing-ffmpeg"
     script.write_text(
         "#!/bin/sh\n"
@@ -234,9 +234,9 @@ def test_cuda_out_of_memory(workdir, run_cli, out_with_take, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    from tydust_gen import fastloop
+    from tydust_gen.model import fast as fastloop
 
-    monkeypatch.setattr(generate.StockBackend, "generate_window", oom)
+    monkeypatch.setattr(StockBackend, "generate_window", oom)
     monkeypatch.setattr(fastloop.FastBackend, "generate_window", oom)
     result = run_cli("game_over", "menu_calm", "-d", "0.4", "-o", "out", "--force")
     assert result.exit_code == 1

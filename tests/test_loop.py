@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 from synth import SR, encode, music
 
-from tydust_gen.errors import ExportError, SettingsError
-from tydust_gen.loop import (
-    LoopPoints,
+from tydust_gen.audio.loop import (
     loop_length_samples,
     make_loop,
     naive_loop,
-    read_loop_tags,
     seam_metric,
-    write_loop_tags,
 )
-from tydust_gen.master import master, remove_dc
+from tydust_gen.audio.master import master, remove_dc
+from tydust_gen.base.errors import ExportError, SettingsError
+from tydust_gen.export.tags import LoopPoints, read_loop_tags, write_loop_tags
 
 N = 10 * SR  # 5.125 bars at 123 bpm
 

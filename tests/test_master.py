@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 from synth import SR, encode, music
 
-from tydust_gen.errors import SettingsError
-from tydust_gen.master import (
+from tydust_gen.audio.master import master, measure_loudness, remove_dc, true_peak
+from tydust_gen.base.errors import SettingsError
+from tydust_gen.export.loudness import (
     ceiling_margin_for,
     decode_audio,
     encoded_true_peak,
-    master,
     master_for_encoding,
-    measure_loudness,
-    remove_dc,
-    true_peak,
 )
 
 

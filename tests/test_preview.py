@@ -9,7 +9,7 @@ from synth import SR, music
 
 pytest.importorskip("matplotlib")
 
-from tydust_gen.preview import render_preview  # noqa: E402
+from tydust_gen.audio.preview import render_preview  # noqa: E402
 
 
 def test_preview_png(tmp_path, encoded_loop):

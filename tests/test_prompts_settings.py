@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tydust_gen.errors import PromptError, SettingsError
-from tydust_gen.prompts import load_track
-from tydust_gen.settings import MAX_DURATION_S, parse_duration, resolve_settings
+from tydust_gen.base.errors import PromptError, SettingsError
+from tydust_gen.base.prompts import load_track
+from tydust_gen.base.settings import MAX_DURATION_S, parse_duration, resolve_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

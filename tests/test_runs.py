@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tydust_gen import engine
-
 from conftest import REPO, files_under
+
+from tydust_gen.model import loading as engine
 
 TAKE = ["game_over.json", "game_over.mp3", "game_over.ogg"]
 
@@ -50,7 +49,7 @@ def test_record_says_how_the_take_was_made(workdir, run_cli, tiny_model_dir):
     assert rec["settings"]["duration_s"] == 0.4 and rec["settings"]["sampling"]["top_k"] == 250
     assert rec["model"]["ref"] == str(tiny_model_dir) and len(rec["model"]["dir_sha256"]) == 64
     assert rec["device"] == "cpu" and rec["dtype"] == "float32"
-    from tydust_gen import cpu_kernel
+    from tydust_gen.model import cpu_kernel
 
     assert rec["cpu_kernel"] == cpu_kernel.load().label  # "native" wherever a C++ compiler is (tests/test_cpu_kernel.py)
     assert set(rec["versions"]) >= {"tydust-gen", "torch", "torchaudio", "transformers", "pydub", "mutagen", "ffmpeg"}
@@ -122,18 +121,18 @@ def test_all_tracks_and_failed_track_exit_code(workdir, run_cli, monkeypatch):
     for name in ("phase3_combat", "phase4_peak", "menu_calm"):
         (workdir / f"prompts/{name}.toml").unlink()
     (workdir / "prompts/second.txt").write_text("calm synth")
-    from tydust_gen import pipeline
+    from tydust_gen.runs import batch
 
-    real = pipeline.render_takes
+    real = batch.render_takes
 
     def flaky(loaded, plan, **kw):
         if plan.spec.name == "game_over":
-            from tydust_gen.errors import GenerationError
+            from tydust_gen.base.errors import GenerationError
 
             raise GenerationError("simulated failure")
         return real(loaded, plan, **kw)
 
-    monkeypatch.setattr(pipeline, "render_takes", flaky)
+    monkeypatch.setattr(batch, "render_takes", flaky)
     result = run_cli("--all", "-d", "0.3", "-o", "out", "--json")
     assert result.exit_code == 1
     tracks = json.loads(result.stdout)["tracks"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tydust_gen.errors import SettingsError
-from tydust_gen.settings import MAX_SEED
-from tydust_gen.variations import variation_names, variation_seed
+from tydust_gen.base.errors import SettingsError
+from tydust_gen.base.settings import MAX_SEED
+from tydust_gen.base.variations import variation_names, variation_seed
 
 
 def test_names():

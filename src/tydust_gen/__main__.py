@@ -1,3 +1,3 @@
-from .cli import app
+from tydust_gen.cli import app
 
 app(prog_name="tydust-gen")

@@ -1,0 +1,649 @@
+"""Mastering stage: DC removal, loudness normalisation, true-peak limiting, fades.
+
+Everything here works on numpy float32 arrays shaped ``[C, N]`` (channels,
+samples) at the export rate (44.1 kHz in the pipeline, but any rate works) and
+returns new arrays; inputs are never modified in place.
+
+What the stage promises:
+
+* **DC first.** MusicGen, and above all the tiny test model, can emit a large DC
+  offset (FACTS.md: +0.25..+0.45). A DC offset inflates sample and true peaks,
+  makes fades thump and wastes limiter headroom, while BS.1770's K-weighting
+  almost ignores it. So :func:`master` subtracts each channel's mean and then
+  runs a gentle, zero-phase 20 Hz high-pass (:func:`remove_dc`) before any
+  loudness work. 20 Hz is below the lowest note game music uses; the 2nd-order
+  Butterworth runs forward and backward (no phase shift, -6 dB at 20 Hz,
+  -0.5 dB at 40 Hz, -0.1 dB at 60 Hz).
+* **Loudness** is ITU-R BS.1770-4 integrated loudness (LUFS), measured with
+  pyloudnorm. **True peak** is the largest magnitude of the signal upsampled
+  4x with a polyphase low-pass (:data:`TRUE_PEAK_OVERSAMPLE`), in dBTP, as in
+  BS.1770 Annex 2.
+* **The ceiling is never broken and nothing clips.** If the loudness target
+  needs more gain than the true-peak ceiling allows, a look-ahead limiter
+  (:func:`limit_true_peak`) pulls the peaks down; it never reduces more than
+  ``max_limiting_db`` (transparency), and beyond that the stage settles for
+  less loudness and says so in :class:`MasterResult`.
+* **Encoded files meet the ceiling too.** Lossy encoders raise the true peak by
+  a few tenths of a dB (FACTS.md: about 0.2 dB), so the export stage masters
+  with a safety margin, encodes, measures the decoded files
+  (:func:`encoded_true_peak`) and re-masters with a larger margin when needed
+  (:func:`ceiling_margin_for`, or the whole loop in :func:`master_for_encoding`).
+* **Fades** are equal-power (quarter sine / quarter cosine) and exactly as long
+  as asked (:func:`apply_fades`).
+
+Loop mode: pass ``circular=True`` so the DC filter, true-peak scan and limiter
+treat the end of the array as joined to its start and keep the seam seamless.
+Never fade a loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tydust_gen.base.errors import SettingsError
+
+DEFAULT_TARGET_LUFS = -14.0  # LUFS; the common streaming / game-audio reference level
+
+
+DEFAULT_CEILING_DBTP = -1.0  # dBTP; headroom that survives MP3/OGG decoding on most players
+
+
+DC_HIGHPASS_HZ = 20.0  # Hz; below the lowest musical content, well above DC drift
+
+
+DC_HIGHPASS_ORDER = 2  # per pass; filtfilt doubles the slope and cancels the phase shift
+
+
+TRUE_PEAK_OVERSAMPLE = 4  # x; BS.1770-4 Annex 2 minimum for 44.1/48 kHz material
+
+
+LIMITER_LOOKAHEAD_S = 0.005  # s; long enough for a smooth attack, short enough not to pump
+
+
+LIMITER_RELEASE_S = 0.080  # s; time constant of the gain-reduction recovery (in dB)
+
+
+DEFAULT_MAX_LIMITING_DB = 4.0  # dB; more peak reduction than this stops being transparent
+
+
+LOUDNESS_TOLERANCE_LU = 0.1  # LU; stop refining the limiter gain once this close to target
+
+
+LIMITER_MAX_PASSES = 4  # limiter passes while refining the gain into the limiter
+
+
+MIN_LOUDNESS_BLOCK_S = 0.4  # s; BS.1770 gating block; shorter audio is padded with silence
+
+
+SILENCE_DB = -math.inf
+
+
+_STATIC_FIT_GUARD_DB = 1e-4  # dB; float32 rounding of a gain that lands exactly on the ceiling
+
+
+@dataclass(frozen=True)
+class MasterResult:
+    """The mastered audio and what was measured on the way.
+
+    Attributes:
+        samples: float32 ``[C, N]``, the mastered audio.
+        sample_rate: Hz.
+        input_lufs: integrated loudness of the input after DC removal, LUFS
+            (``-inf`` for silence).
+        input_true_peak_dbtp: true peak of the input after DC removal, dBTP.
+        dc_offset: mean of each channel before DC removal (linear, full scale 1.0).
+        gain_db: static gain applied before the limiter, dB.
+        limiter_max_reduction_db: largest gain reduction the limiter applied, dB
+            (0.0 when it did not engage).
+        output_lufs: integrated loudness of ``samples``, LUFS.
+        output_true_peak_dbtp: true peak of ``samples``, dBTP.
+        target_lufs: the requested loudness (None: loudness normalisation off).
+        ceiling_dbtp: the requested true-peak ceiling, dBTP.
+        margin_db: extra headroom kept below the ceiling (for lossy encoding), dB.
+        target_reached: output within :data:`LOUDNESS_TOLERANCE_LU` (+ 0.1) of the
+            target; always True when the target is None.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    input_lufs: float
+    input_true_peak_dbtp: float
+    dc_offset: tuple[float, ...]
+    gain_db: float
+    limiter_max_reduction_db: float
+    output_lufs: float
+    output_true_peak_dbtp: float
+    target_lufs: float | None
+    ceiling_dbtp: float
+    margin_db: float
+    target_reached: bool
+
+
+def as_audio(samples: Any) -> np.ndarray:
+    """Return ``samples`` as a C-contiguous float32 ``[C, N]`` array (a copy)."""
+    if hasattr(samples, "detach"):  # a torch tensor, e.g. Waveform.samples
+        samples = samples.detach().cpu().numpy()
+    audio = np.array(samples, dtype=np.float32, copy=True)
+    if audio.ndim == 1:
+        audio = audio[np.newaxis, :]
+    if audio.ndim != 2 or audio.shape[0] < 1:
+        raise ValueError(f"audio must be shaped [channels, samples], got shape {audio.shape}")
+    if not np.all(np.isfinite(audio)):
+        raise ValueError("audio contains NaN or infinite samples")
+    return audio
+
+
+def db_to_gain(db: float) -> float:
+    """Convert decibels to a linear amplitude factor."""
+    return 10.0 ** (db / 20.0)
+
+
+def gain_to_db(gain: float) -> float:
+    """Convert a linear amplitude factor to decibels (``-inf`` for 0)."""
+    return 20.0 * math.log10(gain) if gain > 0 else SILENCE_DB
+
+
+def _check_level(name: str, value: float | None, *, allow_none: bool) -> None:
+    if value is None:
+        if not allow_none:
+            raise SettingsError(f"{name} must be a number")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
+
+
+def remove_dc(
+    samples: Any,
+    sample_rate: int,
+    *,
+    cutoff_hz: float = DC_HIGHPASS_HZ,
+    circular: bool = False,
+) -> np.ndarray:
+    """Remove DC offset and sub-audio drift.
+
+    Subtracts each channel's mean (a constant offset then costs the filter
+    nothing), then applies a zero-phase Butterworth high-pass
+    (:data:`DC_HIGHPASS_ORDER` per direction) at ``cutoff_hz``. Zero phase keeps
+    transients where they were, which matters for the loop seam and the limiter.
+
+    Args:
+        samples: ``[C, N]`` audio (float, full scale 1.0).
+        sample_rate: Hz.
+        cutoff_hz: high-pass corner, Hz.
+        circular: treat the audio as a loop (end joined to start) so the filter
+            adds no seam; otherwise the edges are padded by odd reflection.
+
+    Returns:
+        float32 ``[C, N]``.
+    """
+    from scipy.signal import butter, sosfiltfilt
+
+    audio = as_audio(samples)
+    audio -= audio.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    n = audio.shape[1]
+    if not 0 < cutoff_hz < sample_rate / 2:
+        raise SettingsError(f"DC high-pass cutoff {cutoff_hz} Hz must be between 0 and {sample_rate / 2} Hz")
+    sos = butter(DC_HIGHPASS_ORDER, cutoff_hz, btype="highpass", fs=sample_rate, output="sos")
+    # about five time constants of the corner frequency settle the filter
+    pad = int(5 * sample_rate / cutoff_hz)
+    if circular:
+        wrapped = np.pad(audio, ((0, 0), (pad, pad)), mode="wrap")
+        out = sosfiltfilt(sos, wrapped, axis=1, padlen=0)[:, pad : pad + n]
+    else:
+        out = sosfiltfilt(sos, audio, axis=1, padlen=min(pad, n - 1))
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def measure_loudness(samples: Any, sample_rate: int) -> float:
+    """Integrated loudness per ITU-R BS.1770-4 (pyloudnorm), in LUFS.
+
+    Args:
+        samples: ``[C, N]`` audio; up to 5 channels (BS.1770 weights).
+        sample_rate: Hz.
+
+    Returns:
+        LUFS; ``-inf`` for silence (everything below the absolute gate). Audio
+        shorter than one 400 ms gating block is measured as if padded with silence.
+    """
+    import pyloudnorm
+
+    audio = as_audio(samples)
+    min_len = int(math.ceil(MIN_LOUDNESS_BLOCK_S * sample_rate)) + 1
+    if audio.shape[1] < min_len:
+        audio = np.pad(audio, ((0, 0), (0, min_len - audio.shape[1])))
+    meter = pyloudnorm.Meter(sample_rate)
+    with np.errstate(divide="ignore"):
+        lufs = float(meter.integrated_loudness(audio.T.astype(np.float64)))
+    return lufs if math.isfinite(lufs) else SILENCE_DB
+
+
+def peak_envelope(
+    samples: Any,
+    sample_rate: int | None = None,
+    *,
+    oversample: int = TRUE_PEAK_OVERSAMPLE,
+    circular: bool = False,
+) -> np.ndarray:
+    """Per-sample true-peak envelope, linked across channels.
+
+    Element ``n`` is the largest magnitude, over all channels, of the signal
+    reconstructed (upsampled ``oversample`` x) between sample ``n`` and ``n + 1``,
+    including sample ``n`` itself.
+
+    Args:
+        samples: ``[C, N]`` audio.
+        sample_rate: unused (the envelope is rate-independent); kept for symmetry.
+        oversample: upsampling factor, >= 1.
+        circular: the last sample is followed by the first (loop playback).
+
+    Returns:
+        float32 ``[N]``, linear magnitude.
+    """
+    from scipy.signal import resample_poly
+
+    del sample_rate
+    audio = as_audio(samples)
+    n = audio.shape[1]
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    env = np.max(np.abs(audio), axis=0)
+    if oversample <= 1:
+        return env
+    # the polyphase filter spans 10 * oversample taps per side; pad past it
+    pad = 16
+    mode = "wrap" if circular else "constant"
+    padded = np.pad(audio, ((0, 0), (pad, pad)), mode=mode)
+    for channel in padded:
+        up = resample_poly(channel, oversample, 1).astype(np.float32, copy=False)
+        up = np.abs(up[pad * oversample : (pad + n) * oversample])
+        # strided maxima: numpy reduces a tiny trailing axis (reshape(n, 4).max(1)) ~10x slower
+        for phase in range(oversample):
+            np.maximum(env, up[phase::oversample], out=env)
+    return env
+
+
+def true_peak(
+    samples: Any,
+    sample_rate: int | None = None,
+    *,
+    oversample: int = TRUE_PEAK_OVERSAMPLE,
+    circular: bool = False,
+) -> float:
+    """True peak in dBTP (largest magnitude of the ``oversample`` x upsampled signal).
+
+    Args:
+        samples: ``[C, N]`` audio.
+        sample_rate: Hz (not needed for the computation).
+        oversample: upsampling factor; 4 meets BS.1770-4 Annex 2.
+        circular: include the intersample peak across the loop seam.
+
+    Returns:
+        dBTP; ``-inf`` for digital silence.
+    """
+    env = peak_envelope(samples, sample_rate, oversample=oversample, circular=circular)
+    return gain_to_db(float(env.max())) if env.size else SILENCE_DB
+
+
+def _moving_average(x: np.ndarray, length: int) -> np.ndarray:
+    """Causal moving average: ``out[k] = mean(x[k - length + 1 .. k])`` (first samples: shorter window).
+
+    Positive weights summing to 1, so the result never exceeds the window's maximum.
+    """
+    csum = np.cumsum(np.concatenate(([0.0], x)))
+    out = np.empty_like(x)
+    out[length - 1 :] = (csum[length:] - csum[:-length]) / length
+    head = np.arange(1, min(length - 1, x.size) + 1)
+    out[: head.size] = csum[1 : head.size + 1] / head
+    return out
+
+
+def limiter_gain(
+    envelope: np.ndarray,
+    ceiling: float,
+    sample_rate: int,
+    *,
+    lookahead_s: float = LIMITER_LOOKAHEAD_S,
+    release_s: float = LIMITER_RELEASE_S,
+    circular: bool = False,
+) -> np.ndarray:
+    """Gain curve that keeps ``envelope * gain`` at or below ``ceiling``.
+
+    The required gain ``min(1, ceiling / envelope)`` (also covering the
+    intersample peak just before each sample) is held at its minimum over the
+    look-ahead window, allowed to recover exponentially in dB with time
+    constant ``release_s``, and finally smoothed by two cascaded moving
+    averages that together span the look-ahead window (a triangular kernel,
+    so the gain falls along a smooth S-shaped ramp). Averaging a curve that is already at or below
+    the requirement over the whole window before each peak can only stay at
+    or below it, so the peak is honoured while the gain glides down over the
+    look-ahead instead of stepping (no clicks, no distortion from the attack).
+
+    Args:
+        envelope: ``[N]`` linear true-peak envelope (see :func:`peak_envelope`).
+        ceiling: linear ceiling, > 0.
+        sample_rate: Hz.
+        lookahead_s: attack / look-ahead time, s.
+        release_s: release time constant, s.
+        circular: the gain wraps around (loop playback).
+
+    Returns:
+        float32 ``[N]`` gain in (0, 1].
+    """
+    from scipy.ndimage import minimum_filter1d
+
+    env = np.asarray(envelope, dtype=np.float64)
+    n = env.size
+    need = np.minimum(1.0, ceiling / np.maximum(env, 1e-12))
+    # a sample's gain also scales the reconstructed peak between it and its predecessor
+    prev = np.roll(need, 1)
+    if not circular:
+        prev[0] = 1.0
+    need = np.minimum(need, prev)
+
+    look = max(1, int(round(lookahead_s * sample_rate))) | 1  # odd, so the hold window aligns exactly
+    release = max(1.0, release_s * sample_rate)
+    # the gain must settle across both ends: one look-ahead plus ~12 release time constants
+    pad = look + int(12 * release)
+    if circular:
+        padded = np.pad(need, (pad, pad), mode="wrap")
+    else:
+        padded = np.pad(need, (pad, pad), mode="constant", constant_values=1.0)
+
+    # hold: minimum over [k, k + look - 1] (the window ahead of k)
+    held = minimum_filter1d(padded, look, origin=-(look // 2), mode="nearest")
+
+    # release: reduction (dB) decays exponentially after each peak. With
+    # r[k] = max_j<=k d[j] * a^(k-j), log r[k] = k log a + cummax(log d[j] - j log a).
+    reduction_db = -20.0 * np.log10(held)
+    log_a = -1.0 / release
+    idx = np.arange(padded.size, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_d = np.log(np.maximum(reduction_db, 0.0))
+    released = np.exp(idx * log_a + np.maximum.accumulate(log_d - idx * log_a))
+    gain = 10.0 ** (-released / 20.0)
+
+    # attack: two causal moving averages of (look+1)/2 samples span exactly the
+    # look-ahead window ending at each sample, giving a triangular gain ramp
+    half = (look + 1) // 2
+    smooth = _moving_average(_moving_average(gain, half), half)
+    return np.minimum(smooth[pad : pad + n], 1.0).astype(np.float32)
+
+
+def limit_true_peak(
+    samples: Any,
+    sample_rate: int,
+    ceiling_dbtp: float,
+    *,
+    envelope: np.ndarray | None = None,
+    lookahead_s: float = LIMITER_LOOKAHEAD_S,
+    release_s: float = LIMITER_RELEASE_S,
+    circular: bool = False,
+) -> tuple[np.ndarray, float, float]:
+    """Look-ahead true-peak limiter (stereo-linked).
+
+    Args:
+        samples: ``[C, N]`` audio.
+        sample_rate: Hz.
+        ceiling_dbtp: the true peak of the output will not exceed this, dBTP.
+        envelope: ``[N]`` :func:`peak_envelope` of ``samples`` if already known
+            (saves one oversampled scan).
+        lookahead_s: attack / look-ahead window, s.
+        release_s: release time constant, s.
+        circular: loop playback (gain and peaks wrap around).
+
+    Returns:
+        ``(limited [C, N] float32, max_gain_reduction_db, output_true_peak_dbtp)``. The output's true
+        peak is at or below the ceiling: the gain curve is computed on the
+        oversampled envelope, and if the gain's own modulation still leaves an
+        intersample overshoot, a final static trim removes it.
+    """
+    audio = as_audio(samples)
+    ceiling = db_to_gain(ceiling_dbtp)
+    env = envelope if envelope is not None else peak_envelope(audio, circular=circular)
+    if env.size == 0 or env.max() <= ceiling:
+        return audio, 0.0, gain_to_db(float(env.max(initial=0.0)))
+    gain = limiter_gain(
+        env, ceiling, sample_rate, lookahead_s=lookahead_s, release_s=release_s, circular=circular
+    )
+    out = audio * gain[np.newaxis, :]
+    # the gain's own modulation can leave a few hundredths of a dB; trim it statically
+    peak = float(peak_envelope(out, circular=circular).max())
+    while peak > ceiling:
+        trim = np.float32(ceiling / peak * (1.0 - 1e-6))
+        out *= trim
+        gain = gain * trim
+        peak = float(peak_envelope(out, circular=circular).max())
+    return out, -gain_to_db(float(gain.min())), gain_to_db(peak)
+
+
+def master(
+    samples: Any,
+    sample_rate: int,
+    *,
+    target_lufs: float | None = DEFAULT_TARGET_LUFS,
+    ceiling_dbtp: float = DEFAULT_CEILING_DBTP,
+    margin_db: float = 0.0,
+    limiter: bool = True,
+    max_limiting_db: float = DEFAULT_MAX_LIMITING_DB,
+    highpass_hz: float | None = DC_HIGHPASS_HZ,
+    circular: bool = False,
+) -> MasterResult:
+    """Remove DC, normalise loudness to a target and keep true peaks under a ceiling.
+
+    Steps: DC removal (:func:`remove_dc`, unless ``highpass_hz`` is None, in
+    which case only the mean is removed); measure loudness and true peak;
+    apply the static gain that reaches ``target_lufs``; if that pushes the
+    true peak above ``ceiling_dbtp - margin_db``, either limit (``limiter``)
+    with at most ``max_limiting_db`` of gain reduction, raising the gain in
+    small steps to win back the loudness the limiter takes, or (limiter off,
+    or limiting capped) settle for the loudest static gain that fits.
+
+    With ``target_lufs=None`` loudness is left alone, but a true peak above the
+    ceiling is still brought down by static gain (never raised).
+
+    Args:
+        samples: ``[C, N]`` audio (numpy array or torch tensor), full scale 1.0.
+        sample_rate: Hz.
+        target_lufs: integrated loudness to reach, LUFS; None turns it off.
+        ceiling_dbtp: true-peak ceiling of the output, dBTP.
+        margin_db: extra headroom below the ceiling, dB (>= 0); the export stage
+            raises it when the encoded files overshoot.
+        limiter: allow the look-ahead limiter; False means static gain only.
+        max_limiting_db: most peak reduction the limiter may apply, dB (>= 0).
+        highpass_hz: DC high-pass corner, Hz; None removes only the mean.
+        circular: the audio is a seamless loop; filters and limiter wrap around.
+
+    Returns:
+        :class:`MasterResult` with the mastered float32 ``[C, N]`` audio.
+
+    Raises:
+        SettingsError: a level or margin is not a finite number, or is negative
+            where it must not be.
+    """
+    _check_level("target loudness (LUFS)", target_lufs, allow_none=True)
+    _check_level("true-peak ceiling (dBTP)", ceiling_dbtp, allow_none=False)
+    _check_level("ceiling margin (dB)", margin_db, allow_none=False)
+    _check_level("maximum limiting (dB)", max_limiting_db, allow_none=False)
+    if margin_db < 0:
+        raise SettingsError(f"ceiling margin must be >= 0 dB, got {margin_db}")
+    if max_limiting_db < 0:
+        raise SettingsError(f"maximum limiting must be >= 0 dB, got {max_limiting_db}")
+    if ceiling_dbtp > 0:
+        raise SettingsError(f"true-peak ceiling must be at most 0 dBTP, got {ceiling_dbtp}")
+    if target_lufs is not None and not -70.0 <= target_lufs <= 0.0:
+        raise SettingsError(f"target loudness must be between -70 and 0 LUFS, got {target_lufs}")
+
+    raw = as_audio(samples)
+    dc = tuple(float(v) for v in raw.mean(axis=1, dtype=np.float64))
+    if highpass_hz is None:
+        audio = raw - raw.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    else:
+        audio = remove_dc(raw, sample_rate, cutoff_hz=highpass_hz, circular=circular)
+
+    in_lufs = measure_loudness(audio, sample_rate)
+    in_env = peak_envelope(audio, circular=circular)
+    in_tp = gain_to_db(float(in_env.max(initial=0.0)))
+    limit_db = ceiling_dbtp - margin_db
+
+    def done(
+        out: np.ndarray, gain_db: float, reduction_db: float,
+        out_lufs: float | None = None, out_tp: float | None = None,
+    ) -> MasterResult:  # fmt: skip
+        if out_lufs is None:  # static gain: loudness and peak move by exactly gain_db
+            out_lufs = in_lufs + gain_db
+        if out_tp is None:
+            out_tp = true_peak(out, circular=circular)
+        reached = target_lufs is None or abs(out_lufs - target_lufs) <= LOUDNESS_TOLERANCE_LU + 0.1
+        return MasterResult(
+            samples=np.ascontiguousarray(out, dtype=np.float32),
+            sample_rate=sample_rate,
+            input_lufs=in_lufs,
+            input_true_peak_dbtp=in_tp,
+            dc_offset=dc,
+            gain_db=gain_db,
+            limiter_max_reduction_db=reduction_db,
+            output_lufs=out_lufs,
+            output_true_peak_dbtp=out_tp,
+            target_lufs=target_lufs,
+            ceiling_dbtp=ceiling_dbtp,
+            margin_db=margin_db,
+            target_reached=reached,
+        )
+
+    if not math.isfinite(in_tp):  # digital silence: nothing to normalise
+        return done(audio, 0.0, 0.0)
+
+    if target_lufs is None or not math.isfinite(in_lufs):
+        # loudness off (or below the gate): only keep the peaks under the ceiling
+        gain_db = min(0.0, limit_db - in_tp - _STATIC_FIT_GUARD_DB)
+        return done(audio * np.float32(db_to_gain(gain_db)), gain_db, 0.0)
+
+    gain_db = target_lufs - in_lufs
+    if in_tp + gain_db <= limit_db:
+        return done(audio * np.float32(db_to_gain(gain_db)), gain_db, 0.0)
+
+    # loudest gain with no limiting at all; the hair below keeps float32 rounding under the ceiling
+    static_fit_db = limit_db - in_tp - _STATIC_FIT_GUARD_DB
+    if not limiter or max_limiting_db == 0:
+        return done(audio * np.float32(db_to_gain(static_fit_db)), static_fit_db, 0.0)
+
+    # The limiter pulls the highest peak down by exactly (in_tp + gain - limit),
+    # so capping the gain caps the reduction. Each pass loses some loudness to
+    # the limiter; the shortfall is added to the gain and the pass repeated.
+    max_gain_db = static_fit_db + max_limiting_db
+    gain_db = min(gain_db, max_gain_db)
+    best: tuple[float, np.ndarray, float, float, float] | None = None
+    for _ in range(LIMITER_MAX_PASSES):
+        g = db_to_gain(gain_db)
+        limited, reduction_db, out_tp = limit_true_peak(
+            audio * np.float32(g), sample_rate, limit_db, envelope=in_env * np.float32(g), circular=circular
+        )
+        out_lufs = measure_loudness(limited, sample_rate)
+        best = (gain_db, limited, reduction_db, out_lufs, out_tp)
+        shortfall = target_lufs - out_lufs
+        if abs(shortfall) <= LOUDNESS_TOLERANCE_LU:
+            break
+        next_gain = min(gain_db + shortfall, max_gain_db)
+        if abs(next_gain - gain_db) < 1e-3:  # capped: settle for the loudness we have
+            break
+        gain_db = next_gain
+    assert best is not None
+    gain_db, limited, reduction_db, out_lufs, out_tp = best
+    return done(limited, gain_db, reduction_db, out_lufs, out_tp)
+
+
+def equal_power_curve(length: int, *, rising: bool = True) -> np.ndarray:
+    """Quarter-wave equal-power gain curve of exactly ``length`` samples.
+
+    The rising curve is ``sin(pi/2 * k / length)``, starting at exactly 0 and
+    reaching ``sin(pi/2 * (length-1)/length)`` on its last sample, so the sample
+    after the fade (gain 1) continues it. The falling curve is its mirror image,
+    ``cos(pi/2 * (k + 1) / length)``, ending at exactly 0 on the last sample.
+    A rising and a falling curve of the same length sum to constant *power*
+    (``sin^2 + cos^2 = 1``), which keeps crossfades of unrelated material level.
+
+    Args:
+        length: samples, >= 0.
+        rising: fade-in (True) or fade-out (False).
+
+    Returns:
+        float32 ``[length]``, monotone (strictly in exact arithmetic; float32
+        rounds the last few values of a long rising curve to 1.0).
+    """
+    if length < 0:
+        raise ValueError(f"curve length must be >= 0, got {length}")
+    rise = np.sin(0.5 * np.pi * np.arange(length, dtype=np.float64) / max(length, 1))
+    # the falling curve is the exact mirror, so it ends on a true 0.0
+    return (rise if rising else rise[::-1]).astype(np.float32)
+
+
+def fade_samples(seconds: float, sample_rate: int) -> int:
+    """Number of samples of a fade of ``seconds`` (rounded to the nearest sample)."""
+    return int(round(seconds * sample_rate))
+
+
+def apply_fades(
+    samples: Any,
+    sample_rate: int,
+    *,
+    fade_in_s: float = 0.0,
+    fade_out_s: float = 0.0,
+) -> np.ndarray:
+    """Apply equal-power fade-in and fade-out envelopes.
+
+    The fade-in covers exactly ``round(fade_in_s * sample_rate)`` samples at
+    the start, the fade-out exactly ``round(fade_out_s * sample_rate)`` at the
+    end (:func:`equal_power_curve`). Apply after DC removal: fading a signal
+    with an offset makes a low thump. Never fade a loop.
+
+    Args:
+        samples: ``[C, N]`` audio.
+        sample_rate: Hz.
+        fade_in_s: seconds, >= 0.
+        fade_out_s: seconds, >= 0.
+
+    Returns:
+        float32 ``[C, N]``.
+
+    Raises:
+        SettingsError: a fade is negative or not finite, or the two fades
+            together are longer than the track.
+    """
+    audio = as_audio(samples)
+    n = audio.shape[1]
+    for name, value in (("fade-in", fade_in_s), ("fade-out", fade_out_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SettingsError(f"{name} must be a number of seconds, got {value!r}")
+        if value < 0:
+            raise SettingsError(f"{name} must be 0 s or longer, got {value} s")
+    n_in = fade_samples(fade_in_s, sample_rate)
+    n_out = fade_samples(fade_out_s, sample_rate)
+    if n_in + n_out > n:
+        raise SettingsError(
+            f"fade-in {fade_in_s} s + fade-out {fade_out_s} s is longer than the track "
+            f"({n / sample_rate:.3f} s); shorten the fades"
+        )
+    if n_in:
+        audio[:, :n_in] *= equal_power_curve(n_in, rising=True)
+    if n_out:
+        audio[:, n - n_out :] *= equal_power_curve(n_out, rising=False)
+    return audio
+
+
+__all__ = [
+    "DEFAULT_CEILING_DBTP",
+    "DEFAULT_TARGET_LUFS",
+    "MasterResult",
+    "apply_fades",
+    "equal_power_curve",
+    "limit_true_peak",
+    "master",
+    "measure_loudness",
+    "peak_envelope",
+    "remove_dc",
+    "true_peak",
+]

@@ -1,0 +1,1 @@
+"""Files: ffmpeg, MP3/OGG encoding through pydub, tags, read-back verification, mastering checked on the encoded files, and atomic staging."""

@@ -1,0 +1,194 @@
+"""Mastering checked on the encoded files: master, encode, decode, measure, re-master.
+
+Lossy encoders raise the true peak by a few tenths of a dB (FACTS.md: about
+0.2 dB), so :func:`master_for_encoding` masters with a safety margin
+(:func:`tydust_gen.audio.master.master`), encodes through a callback, measures
+the decoded files (:func:`encoded_true_peak`) and re-masters with a larger
+margin (:func:`ceiling_margin_for`) until every file meets the ceiling.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tydust_gen.base.errors import ExportError, SettingsError
+from tydust_gen.audio.master import SILENCE_DB, DEFAULT_CEILING_DBTP, DEFAULT_TARGET_LUFS, MasterResult, master, true_peak
+
+DEFAULT_ENCODE_MARGIN_DB = 0.3  # dB; first-try headroom for the lossy-codec peak rise (~0.2 dB)
+
+
+ENCODE_MARGIN_EXTRA_DB = 0.1  # dB; added on each retry: the overshoot varies by ~0.1 dB with level and limiting
+
+
+DEFAULT_ENCODE_TRIES = 3  # master/encode/measure rounds before giving up
+
+
+ENCODED_SAMPLE_RATE = 44_100  # Hz; rate encoded files are decoded at for measurement
+
+
+ENCODED_CHANNELS = 2
+
+
+@dataclass(frozen=True)
+class EncodedMasterResult:
+    """Outcome of :func:`master_for_encoding`.
+
+    Attributes:
+        master: the mastering pass whose encodes were kept.
+        paths: the encoded files of that pass.
+        encoded_true_peaks_dbtp: true peak of each decoded file, dBTP, same order as ``paths``.
+        margin_db: headroom below the ceiling the kept pass was mastered with, dB.
+        tries: master/encode rounds used.
+        ceiling_met: every decoded file is at or below the ceiling.
+    """
+
+    master: MasterResult
+    paths: tuple[Path, ...]
+    encoded_true_peaks_dbtp: tuple[float, ...]
+    margin_db: float
+    tries: int
+    ceiling_met: bool
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg the export stage uses (``$TYDUST_FFMPEG``, PATH, or the imageio-ffmpeg wheel).
+
+    Raises:
+        FfmpegError: none runs.
+    """
+    from tydust_gen.export.ffmpeg import find_ffmpeg
+
+    return find_ffmpeg().path
+
+
+def decode_audio(
+    path: str | os.PathLike[str],
+    *,
+    sample_rate: int = ENCODED_SAMPLE_RATE,
+    channels: int = ENCODED_CHANNELS,
+) -> np.ndarray:
+    """Decode any file ffmpeg reads to float32 ``[C, N]`` without clipping.
+
+    Decoding to 32-bit float keeps overshoots above full scale, which is the
+    point when measuring the true peak of an encoded file.
+
+    Args:
+        path: an MP3, OGG, WAV... file.
+        sample_rate: Hz to decode at.
+        channels: channel count to decode to.
+
+    Returns:
+        float32 ``[channels, N]``.
+
+    Raises:
+        ExportError: ffmpeg could not decode the file (its stderr is included).
+    """
+    cmd = [
+        ffmpeg_exe(), "-nostdin", "-v", "error", "-i", os.fspath(path),
+        "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate), "-",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, check=False)
+    if proc.returncode != 0:
+        stderr = proc.stderr.decode("utf-8", "replace").strip()
+        raise ExportError(f"could not decode {path} to measure its peak: {stderr}")
+    data = np.frombuffer(proc.stdout, dtype="<f4")
+    return np.ascontiguousarray(data.reshape(-1, channels).T)
+
+
+def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -> float:
+    """True peak (dBTP) of an encoded file, measured on its decoded 44.1 kHz stereo audio.
+
+    Args:
+        path: encoded file (MP3, OGG...).
+        circular: include the seam of a loop.
+
+    Returns:
+        dBTP.
+    """
+    return true_peak(decode_audio(path), circular=circular)
+
+
+def ceiling_margin_for(
+    encoded_peak_dbtp: float,
+    ceiling_dbtp: float,
+    current_margin_db: float,
+) -> float | None:
+    """Next mastering margin after measuring an encoded file, or None if it passed.
+
+    The codec's overshoot is roughly independent of a small change in level, so
+    the margin grows by the measured excess (plus :data:`ENCODE_MARGIN_EXTRA_DB`
+    so the next try does not land a hair over again).
+
+    Args:
+        encoded_peak_dbtp: true peak of the decoded file, dBTP (the worst of
+            all formats when several were encoded).
+        ceiling_dbtp: the ceiling the files must meet, dBTP.
+        current_margin_db: margin the audio was mastered with, dB.
+
+    Returns:
+        None when ``encoded_peak_dbtp <= ceiling_dbtp``; otherwise the margin to
+        master with on the next try, dB.
+    """
+    excess = encoded_peak_dbtp - ceiling_dbtp
+    if excess <= 0:
+        return None
+    return current_margin_db + excess + ENCODE_MARGIN_EXTRA_DB
+
+
+def master_for_encoding(
+    samples: Any,
+    sample_rate: int,
+    encode: Callable[[MasterResult], Sequence[str | os.PathLike[str]]],
+    *,
+    target_lufs: float | None = DEFAULT_TARGET_LUFS,
+    ceiling_dbtp: float = DEFAULT_CEILING_DBTP,
+    initial_margin_db: float = DEFAULT_ENCODE_MARGIN_DB,
+    max_tries: int = DEFAULT_ENCODE_TRIES,
+    circular: bool = False,
+    **master_options: Any,
+) -> EncodedMasterResult:
+    """Master, encode, measure the decoded files, and re-master until they meet the ceiling.
+
+    Args:
+        samples: ``[C, N]`` audio.
+        sample_rate: Hz.
+        encode: callback that encodes ``result.samples`` (e.g. to MP3 and OGG)
+            and returns the written paths. It is called once per try; later
+            tries should overwrite the same paths.
+        target_lufs: LUFS, or None (see :func:`master`).
+        ceiling_dbtp: dBTP the *decoded files* must meet.
+        initial_margin_db: headroom for the first try, dB.
+        max_tries: master/encode rounds (>= 1).
+        circular: loop mode (see :func:`master`).
+        **master_options: passed to :func:`master` (``limiter``, ``max_limiting_db``,
+            ``highpass_hz``).
+
+    Returns:
+        :class:`EncodedMasterResult`; ``ceiling_met`` is False only if every try
+        overshot (the files of the last try are kept).
+    """
+    if max_tries < 1:
+        raise SettingsError(f"max_tries must be at least 1, got {max_tries}")
+    margin = initial_margin_db
+    for attempt in range(1, max_tries + 1):
+        result = master(
+            samples, sample_rate, target_lufs=target_lufs, ceiling_dbtp=ceiling_dbtp,
+            margin_db=margin, circular=circular, **master_options,
+        )  # fmt: skip
+        paths = tuple(Path(p) for p in encode(result))
+        peaks = tuple(encoded_true_peak(p, circular=circular) for p in paths)
+        worst = max(peaks, default=SILENCE_DB)
+        next_margin = ceiling_margin_for(worst, ceiling_dbtp, margin)
+        if next_margin is None or attempt == max_tries:
+            return EncodedMasterResult(
+                master=result, paths=paths, encoded_true_peaks_dbtp=peaks,
+                margin_db=margin, tries=attempt, ceiling_met=next_margin is None,
+            )  # fmt: skip
+        margin = next_margin
+    raise AssertionError("unreachable")  # pragma: no cover

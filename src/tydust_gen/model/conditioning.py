@@ -1,0 +1,70 @@
+"""Text conditioning: prompts → T5 hidden states (with the empty prompt for classifier-free guidance), once per track."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from tydust_gen.model.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text conditioning for a batch of B prompts, computed once per track.
+
+    Attributes:
+        hidden: ``[B', L, D]`` encoder states already projected to the decoder
+            width and masked; with guidance, B' = 2B and the second half is the
+            all-zero unconditional input.
+        mask: ``[B', L]`` attention mask (int64, 1 = real token).
+        batch_size: B, the number of prompts/takes.
+        guidance_scale: the CFG weight the hidden states were built for.
+    """
+
+    hidden: Any
+    mask: Any
+    batch_size: int
+    guidance_scale: float
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def encode_text(loaded: LoadedModel, prompts: list[str], guidance_scale: float) -> Conditioning:
+    """Run the T5 encoder once for ``prompts`` and build the (guided) conditioning.
+
+    The result equals what ``MusicgenForConditionalGeneration.forward`` feeds the
+    decoder's cross-attention: projected to the decoder width, multiplied by the
+    mask, and with guidance an all-zero unconditional half appended.
+
+    Returns:
+        :class:`Conditioning` with ``hidden`` of shape ``[B or 2B, L, D_dec]``.
+    """
+    import torch
+
+    model = loaded.model
+    inputs = loaded.processor(text=prompts, padding=True, return_tensors="pt")
+    ids = inputs["input_ids"].to(loaded.device)
+    mask = inputs["attention_mask"].to(loaded.device)
+    with torch.inference_mode():
+        hidden = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if (
+            model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
+            and model.decoder.config.cross_attention_hidden_size is None
+        ):
+            hidden = model.enc_to_dec_proj(hidden)
+        hidden = hidden * mask[..., None].to(hidden.dtype)
+        if guidance_scale > 1.0:
+            hidden = torch.cat([hidden, torch.zeros_like(hidden)], dim=0)
+            mask = torch.cat([mask, torch.zeros_like(mask)], dim=0)
+    return Conditioning(hidden=hidden, mask=mask, batch_size=len(prompts), guidance_scale=guidance_scale)
+
+
+def token_count(loaded: LoadedModel, prompt: str) -> tuple[int, int | None]:
+    """``(tokens in prompt, tokenizer's maximum or None)`` so truncation can be reported, not silent."""
+    tok = loaded.processor.tokenizer
+    n = len(tok(prompt)["input_ids"])
+    limit = getattr(tok, "model_max_length", None)
+    if limit is not None and limit > 1_000_000:
+        limit = None
+    return n, limit

@@ -1,0 +1,179 @@
+"""Generation stage: text conditioning → audio codes → 32 kHz waveform.
+
+Tracks longer than one window are generated like audiocraft's ``extend_stride``:
+the first window makes up to ``window`` seconds; every further window is
+prompted with the last ``window - stride`` seconds of codes and adds up to
+``stride`` seconds of new codes. The prefix is kept token for token, so the
+result has exactly ``ceil(duration × frame_rate)`` frames with nothing repeated
+or missing at a join. The codes are decoded by EnCodec once, at the end.
+
+How one window is decoded is a :class:`CodeBackend`; ``StockBackend`` runs
+transformers' own ``generate``. The random number generator is seeded once per
+track, so a seed reproduces a track on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from tydust_gen.base.errors import GenerationError, SettingsError
+from tydust_gen.base.settings import GenerationSettings, SamplingSettings
+from tydust_gen.model.conditioning import Conditioning
+from tydust_gen.model.loading import LoadedModel
+
+#: progress(done_steps, total_steps) — decoding steps across all windows of a track.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GeneratedTrack:
+    """What the generation stage hands to audio processing.
+
+    Attributes:
+        codes: int64 ``[B, K, T]`` tokens (B takes, K codebooks, T frames).
+        waveforms: one 32 kHz mono :class:`Waveform` per take, each ``[1, T × hop]``.
+        windows: the passes that produced the codes.
+        steps: decoding steps run in total.
+        seed: the seed used (None if none was set).
+    """
+
+    codes: Any
+    waveforms: list[Waveform]
+    windows: list[Window]
+    steps: int
+    seed: int | None
+
+
+class CodeBackend(Protocol):
+    """Decodes new tokens for one window. Implementations must use torch's global RNG."""
+
+    name: str
+
+    def generate_window(
+        self,
+        loaded: LoadedModel,
+        cond: Conditioning,
+        prefix: Any | None,
+        new_frames: int,
+        sampling: SamplingSettings,
+        on_step: Callable[[], None],
+    ) -> Any:
+        """Generate ``new_frames`` frames after ``prefix``.
+
+        Args:
+            loaded: the model.
+            cond: text conditioning (computed once per track).
+            prefix: int64 ``[B, K, P]`` earlier codes, or None.
+            new_frames: frames to add.
+            sampling: sampling parameters.
+            on_step: call once after each decoding step.
+
+        Returns:
+            int64 ``[B, K, new_frames]`` new codes on ``loaded.device``.
+        """
+        ...
+
+
+def generate_codes(
+    loaded: LoadedModel,
+    cond: Conditioning,
+    settings: GenerationSettings,
+    *,
+    backend: CodeBackend,
+    progress: ProgressCallback | None = None,
+    take_seeds: list[int] | None = None,
+) -> tuple[Any, list[Window], int]:
+    """Generate all codes of a track, window by window.
+
+    With ``take_seeds`` (one per row of the batch; variations of one prompt)
+    each take samples from its own stream seeded with its seed, kept across
+    windows, so a take equals a single-row run with that seed. Without, all
+    rows draw from torch's global RNG seeded with ``settings.seed``, exactly
+    as transformers' ``generate`` does.
+
+    Returns:
+        ``(codes [B, K, T] int64, windows, steps)``.
+
+    Raises:
+        GenerationError: the model failed (out of memory, NaN...).
+    """
+    import torch
+
+    total, window_frames, stride_frames = frames_for(settings, loaded.frame_rate)
+    check_window_fits(loaded, min(window_frames, total))
+    windows = plan_windows(total, window_frames, stride_frames)
+    total_steps = sum(window_steps(w, loaded.num_codebooks) for w in windows)
+    done = 0
+
+    def on_step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(min(done, total_steps), total_steps)
+
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    extra: dict[str, Any] = {}
+    if take_seeds is not None:
+        if len(take_seeds) != cond.batch_size:
+            raise ValueError(f"{len(take_seeds)} take seeds for a batch of {cond.batch_size}")
+        if not getattr(backend, "supports_take_generators", False):
+            raise SettingsError(f"the {backend.name} backend cannot give each take its own seed; use --backend fast")
+        extra["generators"] = [torch.Generator(device=loaded.device).manual_seed(s) for s in take_seeds]
+    codes = None
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                prefix = None if w.context_frames == 0 else codes[:, :, -w.context_frames :]
+                new = backend.generate_window(loaded, cond, prefix, w.new_frames, settings.sampling, on_step, **extra)
+                if new.shape[-1] != w.new_frames:
+                    raise GenerationError(
+                        f"the {backend.name} backend returned {new.shape[-1]} frames instead of {w.new_frames}"
+                    )
+                codes = new if codes is None else torch.cat([codes, new], dim=-1)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise GenerationError(
+            "the GPU ran out of memory while generating; use a shorter --window or --device cpu"
+        ) from exc
+    if progress is not None:
+        progress(total_steps, total_steps)
+    return codes, windows, total_steps
+
+
+def decode_codes(loaded: LoadedModel, codes) -> list[Waveform]:
+    """EnCodec-decode ``[B, K, T]`` codes into B mono float32 waveforms at the model rate.
+
+    Takes are decoded one at a time: a batched convolution may round differently
+    from a single one, and a take of a batch must decode to exactly the samples
+    it has when generated alone from its seed.
+    """
+    import torch
+
+    expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
+    waves = []
+    with torch.inference_mode():
+        for take in codes.split(1, dim=0):
+            audio = loaded.model.audio_encoder.decode(take[None], audio_scales=[None]).audio_values
+            waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
+    return waves
+
+
+def generate_track(
+    loaded: LoadedModel,
+    prompts: list[str],
+    settings: GenerationSettings,
+    *,
+    backend: CodeBackend,
+    progress: ProgressCallback | None = None,
+) -> GeneratedTrack:
+    """Text in, 32 kHz waveforms out: encode once, generate all windows, decode once."""
+    cond = encode_text(loaded, prompts, settings.sampling.guidance_scale)
+    codes, windows, steps = generate_codes(loaded, cond, settings, backend=backend, progress=progress)
+    waveforms = decode_codes(loaded, codes)
+    return GeneratedTrack(codes=codes, waveforms=waveforms, windows=windows, steps=steps, seed=settings.seed)
+
+
+from tydust_gen.model.conditioning import encode_text  # noqa: E402  (kept at the bottom to read top-down)
+from tydust_gen.base.waveform import Waveform
+from tydust_gen.model.windows import Window, check_window_fits, frames_for, plan_windows, window_steps

@@ -1,0 +1,230 @@
+"""Model stage: find, load and condition MusicGen through 🤗 transformers.
+
+The model is named by a hub id (``facebook/musicgen-small``, resolved through the
+Hugging Face cache, honouring ``HF_HUB_OFFLINE``) or by a local directory holding
+a ``save_pretrained`` snapshot. It loads once per command and is reused for every
+track. fp16 on CUDA, fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tydust_gen.base.errors import DeviceError, ModelError, SettingsError
+
+DEFAULT_MODEL = "facebook/musicgen-small"
+
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from.
+
+    Attributes:
+        ref: what the user gave (hub id or path).
+        local_dir: the directory to load from, when it is a local snapshot.
+        hub_id: the hub repository id, when loading through the HF cache.
+    """
+
+    ref: str
+    local_dir: Path | None
+    hub_id: str | None
+
+
+@dataclass
+class LoadedModel:
+    """A MusicGen ready to generate, with the facts the later stages need.
+
+    Attributes:
+        model: ``MusicgenForConditionalGeneration`` in eval mode on ``device``.
+        processor: the matching ``MusicgenProcessor`` (tokenizer).
+        device: torch device it runs on.
+        dtype: torch dtype of its weights.
+        source: where it was loaded from.
+        sample_rate: EnCodec output rate, Hz (32,000 for musicgen-small).
+        frame_rate: codec frames per second (50 for musicgen-small).
+        num_codebooks: parallel token streams per frame (4).
+        codebook_size: tokens per codebook (2048).
+        max_positions: longest decoder sequence, frames + delay + start token.
+    """
+
+    model: Any
+    processor: Any
+    device: Any
+    dtype: Any
+    source: ModelSource
+    sample_rate: int
+    frame_rate: int
+    num_codebooks: int
+    codebook_size: int
+    max_positions: int
+
+    @property
+    def max_window_frames(self) -> int:
+        """Most frames one window may hold: positions minus the start token and the codebook delay."""
+        return self.max_positions - self.num_codebooks
+
+
+def offline_mode() -> bool:
+    """True when the user asked the Hugging Face libraries not to touch the network."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+    return False
+
+
+def resolve_source(ref: str) -> ModelSource:
+    """Classify ``ref`` as a local snapshot directory or a hub id, without loading anything.
+
+    Raises:
+        ModelError: a path that exists but is not a MusicGen snapshot, or a hub
+            id that is not cached while offline.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model directory {ref} has no config.json; point --model at a folder saved with save_pretrained"
+            )
+        return ModelSource(ref=ref, local_dir=path.resolve(), hub_id=None)
+    if path.exists():
+        raise ModelError(f"model path {ref} is not a directory; pass a snapshot folder or a hub id such as {DEFAULT_MODEL}")
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(ref):
+        raise ModelError(
+            f"model {ref!r} is neither an existing directory nor a hub id like {DEFAULT_MODEL}; check the --model value"
+        )
+    if offline_mode() and not is_cached(ref):
+        raise ModelError(
+            f"model {ref} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"download it once with `hf download {ref}` on a connected machine, or pass --model DIR"
+        )
+    return ModelSource(ref=ref, local_dir=None, hub_id=ref)
+
+
+def is_cached(hub_id: str) -> bool:
+    """Whether the HF cache holds a snapshot of ``hub_id`` (its config.json at least)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers always brings it
+        return False
+    found = try_to_load_from_cache(hub_id, "config.json")
+    return isinstance(found, str)
+
+
+def resolve_device(name: str):
+    """Map ``auto|cuda|cpu`` (or ``cuda:N``) to a torch device, failing before the model loads.
+
+    Returns:
+        ``(torch.device, fell_back_to_cpu)`` where the flag is True when ``auto`` found no GPU.
+    """
+    import torch
+
+    choice = name.strip().lower()
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), False
+        return torch.device("cpu"), True
+    if choice == "cpu":
+        return torch.device("cpu"), False
+    if choice == "cuda" or choice.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        try:
+            device = torch.device(choice)
+        except RuntimeError:
+            raise SettingsError(f"device {name!r} is not valid; use auto, cuda, cuda:N or cpu") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{choice} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device, False
+    raise SettingsError(f"unknown device {name!r}; use auto, cuda or cpu")
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' and the hub's own progress bars and config warnings.
+
+    The musicgen config warns that pad_token_id lies outside the vocabulary for
+    the real checkpoint too; it is harmless and would only confuse users.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hub_logging
+
+        disable_progress_bars()
+        # Its retry chatter ("Retrying in 2s...") would bury our one-line error when offline.
+        hub_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_model(source: ModelSource, device, *, dtype=None) -> LoadedModel:
+    """Load model and processor from ``source`` onto ``device``.
+
+    Args:
+        source: from :func:`resolve_source`.
+        device: torch device from :func:`resolve_device`.
+        dtype: weights dtype; default fp16 on CUDA and fp32 on the CPU.
+
+    Raises:
+        ModelError: the snapshot is missing, incomplete or not a MusicGen.
+    """
+    import torch
+    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+
+    quiet_transformers()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    where = str(source.local_dir) if source.local_dir is not None else source.hub_id
+    kwargs: dict[str, Any] = {}
+    if source.hub_id is not None and offline_mode():
+        kwargs["local_files_only"] = True
+    try:
+        model = MusicgenForConditionalGeneration.from_pretrained(where, dtype=dtype, **kwargs)
+        processor = MusicgenProcessor.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            f"download it with `hf download {source.hub_id}` or pass --model DIR"
+            if source.hub_id
+            else "re-save it with save_pretrained"
+        )
+        raise ModelError(f"could not load model {source.ref}: {first}; {hint}") from exc
+    try:
+        model = model.to(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"could not move the model to {device}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    audio_cfg = model.config.audio_encoder
+    dec_cfg = model.config.decoder
+    frame_rate = getattr(audio_cfg, "frame_rate", None)
+    if frame_rate is None:  # pragma: no cover - older configs
+        hop = 1
+        for r in audio_cfg.upsampling_ratios:
+            hop *= r
+        frame_rate = audio_cfg.sampling_rate // hop
+    if dec_cfg.audio_channels != 1:
+        raise ModelError(f"model {source.ref} is a stereo MusicGen; tydust-gen supports the mono checkpoints")
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        source=source,
+        sample_rate=int(audio_cfg.sampling_rate),
+        frame_rate=int(frame_rate),
+        num_codebooks=int(dec_cfg.num_codebooks),
+        codebook_size=int(dec_cfg.vocab_size),
+        max_positions=int(dec_cfg.max_position_embeddings),
+    )

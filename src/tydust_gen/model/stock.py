@@ -1,0 +1,96 @@
+"""The ``stock`` backend: transformers' own decoder ``generate`` for one window (eager, dynamic KV cache).
+
+The reference every faster backend is compared against, token for token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tydust_gen.model.conditioning import Conditioning
+from tydust_gen.model.sampling import sampling_kwargs
+
+
+class _StepHook:
+    """A StoppingCriteria that never stops and reports each step (generate's streamer sees only one put)."""
+
+    def __init__(self, on_step: Callable[[], None]):
+        self.on_step = on_step
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.on_step()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _prefill_context(model, cache, ids, cond: Conditioning, start: int, p: int) -> None:
+    """Put the first ``p`` delay-masked positions of ``ids`` ([B·K, 1+P]) into ``cache``.
+
+    MusicGen's ``prepare_inputs_for_generation`` (transformers 5) feeds only the
+    last input column whenever a cache object exists, the prefill included, so a
+    prefix handed to ``generate`` would be kept in the output but never attended
+    to. With the first ``p`` positions already cached, that last column is
+    exactly the one position still missing.
+    """
+    import torch
+
+    masked, _ = model.decoder.build_delay_pattern_mask(ids, pad_token_id=start, max_length=ids.shape[-1] + 4096)
+    context = masked[:, :p]
+    copies = cond.hidden.shape[0] // (ids.shape[0] // model.decoder.num_codebooks)
+    if copies > 1:
+        context = context.repeat((copies, 1))
+    with torch.inference_mode():
+        model.decoder(
+            input_ids=context,
+            encoder_hidden_states=cond.hidden,
+            encoder_attention_mask=cond.mask,
+            cache=cache,
+            use_cache=True,
+        )
+
+
+class StockBackend:
+    """transformers' own decoder ``generate`` (eager, dynamic KV cache)."""
+
+    name = "stock"
+
+    def generate_window(self, loaded, cond, prefix, new_frames, sampling, on_step):
+        import torch
+        from transformers import DynamicCache, EncoderDecoderCache, StoppingCriteriaList
+
+        model = loaded.model
+        gen_cfg = model.generation_config
+        start = gen_cfg.decoder_start_token_id
+        k = loaded.num_codebooks
+        b = cond.batch_size
+        ids = torch.full((b * k, 1), start, dtype=torch.long, device=loaded.device)
+        p = 0
+        if prefix is not None:
+            p = int(prefix.shape[-1])
+            ids = torch.cat([ids, prefix.reshape(b * k, p).to(loaded.device)], dim=-1)
+        # The decoder's self-attention mask is per take ([B, seq]), not per codebook row;
+        # left to itself, generate() would infer one from ids (the start token equals
+        # the pad token) with the wrong shape.
+        self_mask = torch.ones((b, p + 1), dtype=torch.long, device=loaded.device)
+        # Self- and cross-attention need separate caches; decoder.generate alone
+        # would make one DynamicCache and mix the text keys into the audio keys.
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if p:
+            _prefill_context(model, cache, ids, cond, start, p)
+        out = model.decoder.generate(
+            input_ids=ids,
+            cache=cache,
+            attention_mask=self_mask,
+            encoder_hidden_states=cond.hidden,
+            encoder_attention_mask=cond.mask,
+            max_new_tokens=new_frames + k - 1,
+            pad_token_id=gen_cfg.pad_token_id,
+            bos_token_id=gen_cfg.bos_token_id,
+            decoder_start_token_id=start,
+            num_return_sequences=1,
+            use_cache=True,
+            stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
+            **sampling_kwargs(loaded, sampling),
+        )
+        return out[:, :, p:]

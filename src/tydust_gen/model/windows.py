@@ -1,0 +1,77 @@
+"""The window plan: how a track longer than the model's 30 s span is generated.
+
+Like audiocraft's ``extend_stride``: the first window makes up to ``window``
+seconds; every further window is prompted with the last ``window - stride``
+seconds of codes and adds up to ``stride`` seconds of new codes. The prefix is
+kept token for token, so a track has exactly ``ceil(duration × frame_rate)``
+frames with nothing repeated or missing at a join.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tydust_gen.base.errors import SettingsError
+from tydust_gen.base.settings import GenerationSettings
+from tydust_gen.model.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class Window:
+    """One generation pass.
+
+    Attributes:
+        context_frames: frames of earlier codes re-fed as prompt (0 for the first).
+        new_frames: frames this pass adds.
+    """
+
+    context_frames: int
+    new_frames: int
+
+
+def window_steps(window: Window, num_codebooks: int) -> int:
+    """Decoding steps for one window: one per frame plus the codebook delay."""
+    return window.new_frames + num_codebooks - 1
+
+
+def plan_windows(total_frames: int, window_frames: int, stride_frames: int) -> list[Window]:
+    """Split ``total_frames`` into overlapping passes (audiocraft's extend_stride).
+
+    >>> plan_windows(4500, 1500, 900)[:3]
+    [Window(context_frames=0, new_frames=1500), Window(context_frames=600, new_frames=900), Window(context_frames=600, new_frames=900)]
+    """
+    if total_frames <= 0:
+        raise SettingsError("the track must be at least one frame long")
+    if not 0 < stride_frames < window_frames:
+        raise SettingsError(
+            f"stride must be shorter than the window and at least one frame "
+            f"(got window {window_frames} frames, stride {stride_frames}); e.g. --window 30 --stride 18"
+        )
+    first = min(total_frames, window_frames)
+    windows = [Window(0, first)]
+    done = first
+    context = window_frames - stride_frames
+    while done < total_frames:
+        new = min(stride_frames, total_frames - done)
+        windows.append(Window(min(context, done), new))
+        done += new
+    return windows
+
+
+def frames_for(settings: GenerationSettings, frame_rate: int) -> tuple[int, int, int]:
+    """``(total, window, stride)`` in frames for these settings at ``frame_rate`` frames/s."""
+    total = math.ceil(round(settings.duration_s * frame_rate, 6))
+    window = max(1, round(settings.window_s * frame_rate))
+    stride = max(1, round(settings.stride_s * frame_rate))
+    return total, window, stride
+
+
+def check_window_fits(loaded: LoadedModel, window_frames: int) -> None:
+    """Refuse windows longer than the decoder's position table."""
+    if window_frames > loaded.max_window_frames:
+        longest = loaded.max_window_frames / loaded.frame_rate
+        raise SettingsError(
+            f"window of {window_frames / loaded.frame_rate:g} s is longer than this model allows "
+            f"({longest:g} s); use a smaller --window"
+        )

@@ -1,0 +1,1 @@
+"""Runs of the pipeline: one track end to end, batches, provenance records, regenerate, list, locks, doctor."""

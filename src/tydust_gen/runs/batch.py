@@ -1,0 +1,380 @@
+"""A batch of tracks: which run, which are skipped, and :func:`run_batch`, which renders them on one loaded model.
+
+Policy (never lose a take): outputs that exist are refused unless ``--force``.
+With ``--skip-existing`` a track whose take is complete and current — its
+``NAME.json`` matches the prompt file hash, every setting (the seed only when
+one was given) and the model, and both files still have their recorded size and
+sha256 — is skipped; one that exists but is not current is still refused
+without ``--force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from tydust_gen.base.errors import DeviceError, TydustError, UsageError
+from tydust_gen.base.prompts import available_tracks
+from tydust_gen.base.variations import variation_seed
+from tydust_gen.export import staging as export
+from tydust_gen.export.ffmpeg import Ffmpeg, check_encoders, find_ffmpeg
+from tydust_gen.export.verify import ExportedFile
+from tydust_gen.model.generate import CodeBackend, ProgressCallback
+from tydust_gen.model.loading import LoadedModel
+from tydust_gen.runs import provenance
+from tydust_gen.runs.pipeline import TrackPlan, TrackResult, plan_track, render_takes
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A track left alone because all its takes are current.
+
+    Attributes:
+        plan: the track.
+        records: the provenance record of each take, in take order.
+    """
+
+    plan: TrackPlan
+    records: list[dict[str, Any]]
+
+
+def track_names(names: list[str] | None, all_tracks: bool, prompts_dir: Path) -> list[str]:
+    """The names a command runs on: the ones given, or every prompt file with ``--all``."""
+    if all_tracks and names:
+        raise UsageError("name tracks or pass --all, not both")
+    if all_tracks:
+        found = available_tracks(prompts_dir)
+        if not found:
+            raise UsageError(f"--all found no .toml or .txt prompt files in {prompts_dir}/")
+        return found
+    if not names:
+        raise UsageError("name at least one track (e.g. tydust-gen phase4_peak) or pass --all")
+    return list(names)
+
+
+def existing_outputs(plan: TrackPlan) -> list[Path]:
+    """Outputs of any take of ``plan`` (MP3, OGG, provenance record) that already exist."""
+    paths = [
+        p
+        for take in plan.takes
+        for p in (*export.output_paths(plan.out_dir, take).values(), provenance.record_path(plan.out_dir, take))
+    ]
+    return [p for p in paths if p.exists()]
+
+
+def select(plans: list[TrackPlan], *, force: bool, skip_existing: bool, model: dict[str, Any]) -> tuple[list[TrackPlan], list[Skipped]]:
+    """Split planned tracks into those to render and those skipped as current.
+
+    Raises:
+        UsageError: outputs exist, are not current, and ``force`` is False.
+    """
+    todo: list[TrackPlan] = []
+    skipped: list[Skipped] = []
+    for plan in plans:
+        existing = existing_outputs(plan)
+        if skip_existing and existing:
+            records = [provenance.load_if_present(plan.out_dir, take) for take in plan.takes]
+            why = None
+            for index, record in enumerate(records):
+                # A take of a batch records its own seed (see pipeline.render_takes).
+                seed = variation_seed(plan.settings.seed, index) if len(plan.takes) > 1 else plan.settings.seed
+                why = why or provenance.check_current(
+                    record,
+                    spec=plan.spec,
+                    settings=replace(plan.settings, seed=seed),
+                    mastering=plan.mastering,
+                    seed_given=not plan.seed_was_random,
+                    out_dir=plan.out_dir,
+                    model=model,
+                )
+            if why is None:
+                skipped.append(Skipped(plan, records))
+                continue
+            if not force:
+                raise UsageError(f"{existing[0]} exists but is not current ({why}); pass --force to replace it")
+        elif existing and not force:
+            raise UsageError(f"{existing[0]} already exists; pass --force to replace it")
+        todo.append(plan)
+    return todo, skipped
+
+
+def skipped_results(s: Skipped) -> list[TrackResult]:
+    """One TrackResult per take of a skipped track, from its records."""
+    keys = ("format", "size_bytes", "duration_s", "bitrate_bps", "sample_rate", "channels", "sha256")
+    results = []
+    for take, rec in zip(s.plan.takes, s.records):
+        files = [ExportedFile(**{k: f[k] for k in keys}, path=s.plan.out_dir / f["path"]) for f in rec.get("files", [])]
+        settings = replace(s.plan.settings, seed=rec.get("settings", {}).get("seed"))
+        res = rec.get("result", {})
+        results.append(
+            TrackResult(name=take, files=files, settings=settings, seed_was_random=bool(rec.get("seed_was_random")),
+                        take=res.get("take", 1), takes=res.get("takes", 1))  # fmt: skip
+        )
+    return results
+
+
+def check_prompt_lengths(loaded, plans: list[TrackPlan]) -> None:
+    """Refuse prompts the text encoder would truncate, before any track generates.
+
+    Raises:
+        UsageError: a prompt has more tokens than the tokenizer's model_max_length.
+    """
+    from tydust_gen.model.conditioning import token_count
+
+    for plan in plans:
+        n, limit = token_count(loaded, plan.spec.prompt)
+        if limit is not None and n > limit:
+            raise UsageError(
+                f"the prompt of {plan.spec.name!r} is {n} tokens long but the model reads at most {limit}; "
+                f"shorten {plan.spec.path} (it would be cut off)"
+            )
+
+
+# --------------------------------------------------------------------------- running a batch
+
+#: stage(name) — what a track is doing now ("generating", "decoding", "mastering", "encoding", "done").
+StageCallback = Callable[[str], None]
+
+
+class RunListener:
+    """What a front end hears from a run. Every method does nothing here; the CLI overrides them.
+
+    The core never prints: lines for the person at the terminal arrive through
+    :meth:`info` and :meth:`warn`, a failed track through :meth:`track_failed`
+    (the batch goes on), and per-track progress through the callbacks that
+    :meth:`track` yields while the track renders.
+    """
+
+    def info(self, text: str) -> None:
+        """An informational line (loading the model, building the kernel)."""
+
+    def warn(self, text: str) -> None:
+        """Something the user should know that does not stop the run."""
+
+    def track_failed(self, name: str, message: str) -> None:
+        """Track ``name`` failed with this one-line message; the batch goes on."""
+
+    @contextlib.contextmanager
+    def track(self, name: str) -> Iterator[tuple[ProgressCallback | None, StageCallback | None]]:
+        """Wraps one track's rendering; yields ``(progress, stage)`` callbacks, or Nones."""
+        yield None, None
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One ``generate`` command, as the CLI parsed it.
+
+    Attributes:
+        tracks: track names, or None with ``all_tracks``.
+        cli_settings: option values as typed (strings, None when not given); parsed by
+            :mod:`tydust_gen.base.settings`, so a bad value is refused with the flag's name.
+        model_ref: hub id or local folder.
+        device_name: "auto", "cpu", "cuda" or "cuda:N".
+        prompts_dir: folder of prompt files.
+        out_dir: output folder, or None for the prompt file's default.
+        force: replace existing outputs.
+        all_tracks: every prompt file in ``prompts_dir``.
+        skip_existing: leave current takes alone.
+    """
+
+    tracks: list[str] | None
+    cli_settings: Mapping[str, Any]
+    model_ref: str
+    device_name: str = "auto"
+    prompts_dir: Path = Path("prompts")
+    out_dir: Path | None = None
+    force: bool = False
+    all_tracks: bool = False
+    skip_existing: bool = False
+
+
+@dataclass
+class BatchResult:
+    """What a batch did.
+
+    Attributes:
+        results: one :class:`TrackResult` per take, in the order the tracks were named.
+        statuses: ``{take name: "ok" | "skipped" | "failed"}``.
+        device: the device the model ran on (as text).
+        load_s: seconds spent loading the model (0 when every track was skipped).
+        total_s: seconds for the whole batch.
+    """
+
+    results: list[TrackResult]
+    statuses: dict[str, str]
+    device: str
+    load_s: float
+    total_s: float
+
+    @property
+    def failed(self) -> list[TrackResult]:
+        return [r for r in self.results if not r.ok]
+
+
+def plan_tracks(request: BatchRequest) -> list[TrackPlan]:
+    """Every check that needs no model, for every track, in about a second.
+
+    Raises:
+        UsageError: no tracks, a track listed twice, outputs in the way, bad settings or prompt files.
+    """
+    names = track_names(request.tracks, request.all_tracks, request.prompts_dir)
+    plans = []
+    seen: set[str] = set()
+    for name in names:
+        plan = plan_track(
+            name,
+            cli_settings=request.cli_settings,
+            prompts_dir=request.prompts_dir,
+            out_dir=request.out_dir,
+            overwrite=request.force or request.skip_existing,
+        )
+        key = str(plan.outputs["mp3"].resolve())
+        if key in seen:
+            raise UsageError(f"track {name!r} is listed twice; name each track once")
+        seen.add(key)
+        plans.append(plan)
+    return plans
+
+
+def prepare_cpu_kernel(listener: RunListener) -> None:
+    """Build the CPU decode kernel now (first CPU run only), saying so, instead of silently inside the first track."""
+    from tydust_gen.model import cpu_kernel
+
+    if cpu_kernel.pending_build():
+        listener.info("building the CPU decode kernel (once per machine, about 10–25 s)…")
+    state = cpu_kernel.load()
+    if not state.available and not cpu_kernel.turned_off():
+        listener.warn(f"CPU decode kernel not in use ({state.detail}); decoding on MKL instead, about 1.3x slower")
+
+
+def render_planned(
+    loaded: LoadedModel,
+    plan: TrackPlan,
+    *,
+    backend: CodeBackend,
+    ffmpeg: Ffmpeg,
+    force: bool,
+    identity: dict[str, Any] | None,
+    listener: RunListener,
+) -> list[TrackResult]:
+    """Render one planned track; a TrackError becomes a failed result (the batch goes on)."""
+    name = plan.spec.name
+    try:
+        with listener.track(name) as (progress, stage):
+            takes = render_takes(
+                loaded, plan, backend=backend, ffmpeg=ffmpeg, progress=progress, stage=stage,
+                overwrite=force, record_model=identity,
+            )  # fmt: skip
+    except TydustError as exc:
+        listener.track_failed(name, str(exc))
+        return [TrackResult(name=name, settings=plan.settings, seed_was_random=plan.seed_was_random, error=str(exc))]
+    for r in takes:
+        if r.loudness and not r.loudness["ceiling_met"]:
+            listener.warn(f"{r.name}: the encoded files peak above {r.loudness['ceiling_dbtp']:g} dBTP after 3 tries")
+        if r.loudness and not r.loudness["target_reached"]:
+            listener.warn(
+                f"{r.name}: reached {r.loudness['output_lufs']} LUFS, not {r.loudness['target_lufs']:g}, "
+                f"within the {r.loudness['ceiling_dbtp']:g} dBTP ceiling"
+            )
+    return takes
+
+
+def run_batch(request: BatchRequest, listener: RunListener | None = None) -> BatchResult:
+    """Plan, check, lock, load the model once, and render every track that needs it.
+
+    A track that fails is reported through ``listener.track_failed`` and the
+    batch goes on; its result has ``ok`` False.
+
+    Raises:
+        UsageError, EnvironmentProblem, TrackBusyError: before any track renders.
+    """
+    from tydust_gen.base import faults
+    from tydust_gen.model import loading
+    from tydust_gen.model.backends import make_backend
+    from tydust_gen.runs.locks import TrackLocks
+
+    listener = listener or RunListener()
+    started = time.perf_counter()
+    plans = plan_tracks(request)
+    ffmpeg = find_ffmpeg()
+    check_encoders(ffmpeg)
+    device, fell_back = loading.resolve_device(request.device_name)
+    if device.type != "cpu" and any(p.settings.backend == "fast-int8" for p in plans):
+        raise DeviceError("--backend fast-int8 runs on the CPU only; use --backend fast on a GPU, or --device cpu")
+    source = loading.resolve_source(request.model_ref)
+    identity = provenance.model_identity(source)
+    plans_in_order = list(plans)
+    plans, skipped = select(plans, force=request.force, skip_existing=request.skip_existing, model=identity)
+    results = [r for s in skipped for r in skipped_results(s)]
+    statuses = {r.name: "skipped" for r in results}
+    load_s = 0.0
+    if plans:
+        with TrackLocks() as track_locks:
+            for plan in plans:
+                track_locks.acquire(plan.out_dir, plan.spec.name)
+            if fell_back:
+                listener.warn("no CUDA GPU found; generating on the CPU, which is much slower")
+            listener.info(f"loading {request.model_ref} on {device.type}…")
+            faults.hook("loading")
+            t_load = time.perf_counter()
+            loaded = loading.load_model(source, device)
+            load_s = time.perf_counter() - t_load
+            check_prompt_lengths(loaded, plans)
+            if loaded.device.type == "cpu" and any(p.settings.backend == "fast" for p in plans):
+                prepare_cpu_kernel(listener)
+            # One backend per name for this batch: its prepared weights are built once per model.
+            backends: dict[str, CodeBackend] = {}
+            for plan in plans:
+                backend = backends.setdefault(plan.settings.backend, make_backend(plan.settings.backend))
+                results.extend(
+                    render_planned(loaded, plan, backend=backend, ffmpeg=ffmpeg, force=request.force,
+                                   identity=identity, listener=listener)  # fmt: skip
+                )
+    # Report in the order the tracks were named (skipped ones were set aside first).
+    position = {name: i for i, p in enumerate(plans_in_order) for name in (p.spec.name, *p.takes)}
+    results.sort(key=lambda r: position.get(r.name, len(position)))
+    for r in results:
+        statuses.setdefault(r.name, "ok" if r.ok else "failed")
+    return BatchResult(results, statuses, str(device), load_s, time.perf_counter() - started)
+
+
+def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
+    """One take as ``--json`` prints it (with its batch status and record path when ``status`` is given)."""
+    s = r.settings
+    d: dict[str, Any] = {
+        "track": r.name,
+        "ok": r.ok,
+        "error": r.error,
+        "seed": s.seed if s else None,
+        "seed_was_random": r.seed_was_random,
+        "duration_s": s.duration_s if s else None,
+        "settings": None
+        if s is None
+        else {
+            "window_s": s.window_s,
+            "stride_s": s.stride_s,
+            "do_sample": s.sampling.do_sample,
+            "temperature": s.sampling.temperature,
+            "top_k": s.sampling.top_k,
+            "top_p": s.sampling.top_p,
+            "guidance_scale": s.sampling.guidance_scale,
+            "backend": s.backend,
+        },
+        "files": [{**provenance.to_jsonable(f), "duration_s": round(f.duration_s, 4)} for f in r.files],
+        "take": r.take,
+        "takes": r.takes,
+        "batch_seed": r.batch_seed,
+        "loudness": r.loudness,
+        "loop": r.loop,
+        "preview": str(r.preview) if r.preview else None,
+        "steps": r.steps,
+        "windows": r.windows,
+        "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
+    }
+    if status is not None:
+        d["status"] = status
+        d["provenance"] = str(provenance.record_path(r.files[0].path.parent, r.name)) if r.files else None
+    return d

@@ -1,0 +1,80 @@
+"""``tydust-gen list``: each track in the prompts folder, its length, and whether its take is current."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tydust_gen.base.errors import PromptError, TydustError
+from tydust_gen.base.prompts import available_tracks, load_track
+from tydust_gen.base.settings import resolve_mastering, resolve_settings
+from tydust_gen.base.variations import variation_names
+from tydust_gen.export import staging as export
+from tydust_gen.runs import provenance
+from tydust_gen.runs.pipeline import default_out_dir
+
+
+@dataclass(frozen=True)
+class TrackStatus:
+    """One row of ``tydust-gen list``.
+
+    Attributes:
+        name: track name.
+        duration_s: seconds (prompt file, else the default); None when the file is invalid.
+        out_dir: where its outputs go.
+        status: "current", "missing", "stale", "no record" or "invalid".
+        detail: why it is stale or invalid ("" otherwise).
+    """
+
+    name: str
+    duration_s: float | None
+    out_dir: Path | None
+    status: str
+    detail: str = ""
+
+
+def track_status(name: str, prompts_dir: Path, out_dir: Path | None, model: dict[str, Any] | None) -> TrackStatus:
+    try:
+        spec = load_track(name, prompts_dir)
+        settings = resolve_settings({}, spec.settings)
+        mastering = resolve_mastering({}, spec.settings, settings.duration_s)
+    except TydustError as exc:
+        return TrackStatus(name, None, None, "invalid", str(exc))
+    dest = out_dir if out_dir is not None else default_out_dir(spec)
+    take = variation_names(name, mastering.variations)[0]  # with variations, the first take stands for the batch
+    outputs = export.output_paths(dest, take)
+    record = provenance.load_if_present(dest, take)
+    if record is None:
+        if any(p.exists() for p in outputs.values()):
+            return TrackStatus(name, settings.duration_s, dest, "no record", "outputs without NAME.json (older or foreign files)")
+        return TrackStatus(name, settings.duration_s, dest, "missing")
+    why = provenance.check_current(
+        record, spec=spec, settings=settings, mastering=mastering, seed_given=settings.seed is not None, out_dir=dest,
+        model=model,
+    )
+    if why is None:
+        return TrackStatus(name, settings.duration_s, dest, "current")
+    return TrackStatus(name, settings.duration_s, dest, "stale", why)
+
+
+def list_tracks(prompts_dir: Path, out_dir: Path | None, model: dict[str, Any] | None) -> list[TrackStatus]:
+    """Status of every track that has a prompt file (sorted by name)."""
+    return [track_status(n, prompts_dir, out_dir, model) for n in available_tracks(prompts_dir)]
+
+
+def list_prompts_folder(prompts_dir: Path, out_dir: Path | None, model_ref: str) -> list[TrackStatus]:
+    """``list``: every track of ``prompts_dir``, judged against ``model_ref`` when that model is available here.
+
+    Raises:
+        PromptError: ``prompts_dir`` is not a folder.
+    """
+    from tydust_gen.model.loading import resolve_source
+
+    if not prompts_dir.is_dir():
+        raise PromptError(f"prompts folder {prompts_dir}/ does not exist; create it or pass --prompts-dir")
+    try:
+        identity: dict[str, Any] | None = provenance.model_identity(resolve_source(model_ref))
+    except TydustError:
+        identity = None  # model unavailable here: judge the takes by prompt, settings and files only
+    return list_tracks(prompts_dir, out_dir, identity)

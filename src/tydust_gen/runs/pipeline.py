@@ -1,0 +1,356 @@
+"""The straight line from a track name to two verified files.
+
+``plan_track`` does every check that needs no model (prompt file, settings,
+output folder, existing outputs) so a batch fails in a second, not after a
+minute of generation. ``render_track`` then runs prompt → MusicGen → 44.1 kHz
+stereo → MP3 + OGG for one planned track on an already loaded model.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from tydust_gen.audio import loop as loop_stage
+from tydust_gen.audio import master as master_stage
+from tydust_gen.audio import resample as audio
+from tydust_gen.base import faults
+from tydust_gen.base.errors import SettingsError, UsageError
+from tydust_gen.base.prompts import TrackSpec, load_track
+from tydust_gen.base.settings import (
+    MAX_SEED,
+    GenerationSettings,
+    MasteringSettings,
+    resolve_mastering,
+    resolve_settings,
+)
+from tydust_gen.base.variations import variation_names, variation_seed
+from tydust_gen.base.waveform import Waveform
+from tydust_gen.export import staging as export
+from tydust_gen.export.ffmpeg import Ffmpeg
+from tydust_gen.export.loudness import master_for_encoding
+from tydust_gen.export.tags import TrackTags, write_loop_tags
+from tydust_gen.export.verify import ExportedFile
+from tydust_gen.model import generate
+from tydust_gen.model.generate import CodeBackend, ProgressCallback
+from tydust_gen.model.loading import LoadedModel
+from tydust_gen.runs import provenance
+from tydust_gen.model.conditioning import encode_text
+
+DEFAULT_OUTPUT_ROOT = Path("assets/music")
+PREVIEW_SUFFIX = ".png"
+RANDOM_SEED_BITS = 31  # seeds picked for the user fit in a signed 32-bit int, easy to retype
+
+
+@dataclass(frozen=True)
+class TrackPlan:
+    """A track whose inputs all checked out.
+
+    Attributes:
+        spec: the parsed prompt file.
+        settings: resolved settings (seed always set: picked at random when not given).
+        seed_was_random: True when tydust-gen picked the seed.
+        out_dir: destination folder.
+        outputs: ``{"mp3": path, "ogg": path}`` of the first take.
+        mastering: loudness, fades, loop, variations, preview.
+        takes: output base names, one per variation (``[name]`` for one take).
+    """
+
+    spec: TrackSpec
+    settings: GenerationSettings
+    seed_was_random: bool
+    out_dir: Path
+    outputs: dict[str, Path]
+    mastering: MasteringSettings = field(default_factory=MasteringSettings)
+    takes: tuple[str, ...] = ()
+
+
+@dataclass
+class TrackResult:
+    """What happened to one track.
+
+    Attributes:
+        name: track name.
+        files: the verified outputs (empty when the track failed).
+        settings: the settings actually used.
+        timings: seconds per stage: "generate" (text encoding + tokens, whole batch), "decode" (EnCodec,
+            whole batch), "audio" (resample, DC, loop/fades), "master_export" (mastering passes, encoding,
+            tagging, verification), "total".
+        steps: decoding steps run.
+        windows: generation passes.
+        error: the one-line error when the track failed.
+        take: 1-based index of this take among ``takes`` variations.
+        takes: how many takes were generated together in one batch.
+        batch_seed: the track's seed when this take came from a batch of
+            variations; ``settings.seed`` is then the take's own seed (take 1:
+            the batch seed), which reproduces it alone.
+        loudness: measured loudness/peak figures (LUFS, dBTP) before and after mastering,
+            and the true peak of each decoded output file.
+        loop: loop points (samples at 44.1 kHz) and seam figures, in loop mode.
+        preview: the PNG written beside the audio, if asked for.
+    """
+
+    name: str
+    files: list[ExportedFile] = field(default_factory=list)
+    settings: GenerationSettings | None = None
+    seed_was_random: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    windows: int = 0
+    error: str | None = None
+    take: int = 1
+    takes: int = 1
+    batch_seed: int | None = None
+    loudness: dict[str, Any] | None = None
+    loop: dict[str, Any] | None = None
+    preview: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def default_out_dir(spec: TrackSpec) -> Path:
+    """``assets/music/<folder or genre>/`` when the prompt file names one, else ``assets/music/``."""
+    return DEFAULT_OUTPUT_ROOT / spec.folder if spec.folder else DEFAULT_OUTPUT_ROOT
+
+
+def plan_track(
+    name: str,
+    *,
+    cli_settings: Mapping[str, Any],
+    prompts_dir: Path,
+    out_dir: Path | None,
+    overwrite: bool,
+) -> TrackPlan:
+    """Check everything about one track that can be checked without the model.
+
+    Raises:
+        PromptError, SettingsError: bad prompt file or setting.
+        OutputDirError: the destination cannot be written.
+        UsageError: outputs exist and ``overwrite`` is False.
+    """
+    spec = load_track(name, prompts_dir)
+    settings = resolve_settings(cli_settings, spec.settings)
+    mastering = resolve_mastering(cli_settings, spec.settings, settings.duration_s)
+    seed_was_random = settings.seed is None
+    if seed_was_random:
+        settings = replace(settings, seed=secrets.randbelow(2**RANDOM_SEED_BITS))
+    assert settings.seed is not None and 0 <= settings.seed <= MAX_SEED
+    dest = out_dir if out_dir is not None else default_out_dir(spec)
+    export.check_output_dir(dest)
+    takes = tuple(variation_names(spec.name, mastering.variations))
+    if len(takes) > 1 and settings.backend == "stock":
+        raise SettingsError(
+            "--variations needs --backend fast or fast-int8: transformers' generate draws all takes from one "
+            "random stream, so a take could not be reproduced from its own seed"
+        )
+    outputs = export.output_paths(dest, takes[0])
+    if not overwrite:
+        for take in takes:
+            # the record too: TRACK.json alone (audio deleted by hand) is still an earlier take's history
+            candidates = [*export.output_paths(dest, take).values(), provenance.record_path(dest, take)]
+            if mastering.preview:
+                candidates.append(dest / f"{take}{PREVIEW_SUFFIX}")
+            existing = [p for p in candidates if p.exists()]
+            if existing:
+                raise UsageError(f"{existing[0]} already exists; pass --force to replace it")
+    return TrackPlan(spec, settings, seed_was_random, dest, outputs, mastering, takes)
+
+
+def comment_for(plan: TrackPlan, model_ref: str, take: int = 1) -> str:
+    """The comment tag: prompt, seed and model (and take of a batch), so a file says how it was made."""
+    if len(plan.takes) > 1:
+        seed = variation_seed(plan.settings.seed, take - 1)
+        return f"{plan.spec.prompt} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_ref}"
+    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model_ref}"
+
+
+def render_track(
+    loaded: LoadedModel,
+    plan: TrackPlan,
+    *,
+    ffmpeg: Ffmpeg,
+    backend: CodeBackend,
+    progress: ProgressCallback | None = None,
+    overwrite: bool = False,
+    record_model: dict[str, Any] | None = None,
+) -> TrackResult:
+    """Generate, master and export a planned single-take track (see :func:`render_takes`)."""
+    return render_takes(
+        loaded, plan, ffmpeg=ffmpeg, backend=backend, progress=progress, overwrite=overwrite, record_model=record_model
+    )[0]
+
+
+def render_takes(
+    loaded: LoadedModel,
+    plan: TrackPlan,
+    *,
+    ffmpeg: Ffmpeg,
+    backend: CodeBackend,
+    progress: ProgressCallback | None = None,
+    stage: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    record_model: dict[str, Any] | None = None,
+) -> list[TrackResult]:
+    """Generate all takes of a planned track in one batch, then master and export each.
+
+    Stages: text encoding and windowed generation (all takes at once) →
+    EnCodec decode → 44.1 kHz stereo → DC removal → loop folding or fades →
+    loudness/true-peak mastering checked on the encoded files → verified MP3 +
+    OGG (+ loop tags, + preview) moved into place.
+
+    ``stage(name)`` is called as each stage starts ("generating", "decoding",
+    "mastering", "encoding") so a front end can say what is happening.
+
+    With ``record_model`` (from :func:`provenance.model_identity`) each take's
+    provenance record ``TAKE.json`` is staged and committed with its audio.
+
+    Raises:
+        TrackError subclasses (GenerationError, ExportError) on failure; files of
+        takes already exported stay, the failing take leaves nothing behind.
+    """
+    m = plan.mastering
+    announce = stage or (lambda name: None)
+    announce("generating")
+    gen_duration = plan.settings.duration_s + (loop_stage.DEFAULT_LOOP_OVERRUN_S if m.loop else 0.0)
+    gen_settings = replace(plan.settings, duration_s=gen_duration)
+    t0 = time.perf_counter()
+    prompts = [plan.spec.prompt] * len(plan.takes)
+    cond = encode_text(loaded, prompts, plan.settings.sampling.guidance_scale)
+    progress = faults.step_hooked(progress)
+    take_seeds = (
+        [variation_seed(plan.settings.seed, i) for i in range(len(plan.takes))] if len(plan.takes) > 1 else None
+    )
+    codes, windows, steps = generate.generate_codes(
+        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds
+    )
+    t1 = time.perf_counter()
+    announce("decoding")
+    waves = generate.decode_codes(loaded, codes)
+    t2 = time.perf_counter()
+    # Generation and decoding run once for the whole batch of takes; each take reports the batch time.
+    per_take_shared = {"generate": t1 - t0, "decode": t2 - t1}
+
+    results = []
+    for index, (take, wave) in enumerate(zip(plan.takes, waves), start=1):
+        ta = time.perf_counter()
+        announce("mastering" if len(plan.takes) == 1 else f"mastering take {index}")
+        stereo = audio.to_44k1_stereo(wave, gen_duration)
+        sr = stereo.sample_rate
+        raw = stereo.samples.numpy()
+        dc_offset = [_num(v) for v in raw.mean(axis=1)]
+        # DC goes before loop folding and fades: fading an offset makes a thump.
+        x = master_stage.remove_dc(raw, sr)
+        loop_info = None
+        if m.loop:
+            n = loop_stage.loop_length_samples(plan.settings.duration_s, sr)
+            folded = loop_stage.make_loop(x, sr, n)
+            # The same audio cut hard at N, for comparison: what the loop folding saves.
+            naive = loop_stage.seam_metric(loop_stage.naive_loop(x, n), sr)
+            x = folded.samples
+            loop_info = {"loop_start": int(folded.loop_start), "loop_length": int(folded.loop_length),
+                         "source_offset": int(folded.source_offset), "crossfade_samples": int(folded.crossfade_samples),
+                         "correlation": _num(folded.correlation)}  # fmt: skip
+            loop_info.update({f"naive_cut_{k}": _num(v) for k, v in naive.__dict__.items()})
+        elif m.fade_in_s or m.fade_out_s:
+            x = master_stage.apply_fades(x, sr, fade_in_s=m.fade_in_s, fade_out_s=m.fade_out_s)
+        tb = time.perf_counter()
+        announce("encoding" if len(plan.takes) == 1 else f"encoding take {index}")
+        tags = TrackTags(
+            title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
+            genre=plan.spec.genre,
+            comment=comment_for(plan, loaded.source.ref, take=index),
+            bpm=plan.spec.bpm,
+        )
+        batch = len(plan.takes) > 1
+        result = TrackResult(
+            name=take,
+            settings=replace(plan.settings, seed=variation_seed(plan.settings.seed, index - 1)) if batch else plan.settings,
+            batch_seed=plan.settings.seed if batch else None,
+            seed_was_random=plan.seed_was_random,
+            steps=steps,
+            windows=len(windows),
+            take=index,
+            takes=len(plan.takes),
+        )
+        try:
+            with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
+
+                def encode(mastering_pass) -> list[Path]:
+                    return staging.encode(Waveform(_tensor(mastering_pass.samples), sr), tags)
+
+                mastered = master_for_encoding(
+                    x, sr, encode, target_lufs=m.loudness_lufs, ceiling_dbtp=m.true_peak_dbtp, circular=m.loop
+                )
+                if m.loop:
+                    write_loop_tags(staging.staged("ogg"), loop_info["loop_start"], loop_info["loop_length"])
+                    seam = loop_stage.seam_metric(mastered.master.samples, sr)
+                    loop_info.update({f"seam_{k}": _num(v) for k, v in seam.__dict__.items()})
+                if m.preview:
+                    from tydust_gen.audio.preview import render_preview
+
+                    staged_png = staging.add_extra(f"{take}{PREVIEW_SUFFIX}")
+                    render_preview(mastered.master.samples, sr, staged_png, title=f"{take}",
+                                   loop_seam=loop_info["loop_length"] if loop_info else None)  # fmt: skip
+                    result.preview = plan.out_dir / staged_png.name
+                result.loop = loop_info
+                result.loudness = _loudness_figures(m, mastered, dc_offset)
+
+                def finish_timings() -> None:
+                    result.timings = {**per_take_shared, "audio": tb - ta, "master_export": time.perf_counter() - tb}
+                    result.timings["total"] = sum(result.timings.values())
+
+                sidecar = None
+                if record_model is not None:
+
+                    def sidecar(files):
+                        finish_timings()
+                        return provenance.sidecar_for(plan, result, loaded=loaded, ffmpeg=ffmpeg, model=record_model)(files)
+
+                result.files = staging.publish(plan.settings.duration_s, overwrite=overwrite, sidecar=sidecar)
+                finish_timings()
+        except FileExistsError as exc:
+            raise UsageError(f"{exc.args[0]} appeared while generating; pass --force to replace it") from None
+        results.append(result)
+    announce("done")
+    return results
+
+
+def _loudness_figures(m: MasteringSettings, mastered, dc_offset: list[Any]) -> dict[str, Any]:
+    """What the mastering stage measured, for the summary and the provenance record."""
+    mr = mastered.master
+    return {
+        "target_lufs": m.loudness_lufs,
+        "ceiling_dbtp": m.true_peak_dbtp,
+        "input_lufs": _num(mr.input_lufs),
+        "input_true_peak_dbtp": _num(mr.input_true_peak_dbtp),
+        "dc_offset": dc_offset,
+        "gain_db": _num(mr.gain_db),
+        "limiter_max_reduction_db": _num(mr.limiter_max_reduction_db),
+        "output_lufs": _num(mr.output_lufs),
+        "output_true_peak_dbtp": _num(mr.output_true_peak_dbtp),
+        "encoded_true_peak_dbtp": {Path(p).suffix.lstrip("."): _num(v) for p, v in zip(mastered.paths, mastered.encoded_true_peaks_dbtp)},
+        "encode_tries": mastered.tries,
+        "target_reached": mr.target_reached,
+        "ceiling_met": mastered.ceiling_met,
+    }
+
+
+def _tensor(samples: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+
+
+def _num(value: Any) -> Any:
+    """Floats for JSON: round, and map the infinities of silence to None."""
+    if isinstance(value, (bool, int)) or value is None:
+        return value
+    value = float(value)
+    return round(value, 4) if np.isfinite(value) else None
