@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tydust_gen.base.waveform import Waveform
 from tydust_gen.export import staging as export
 from tydust_gen.export.ffmpeg import Ffmpeg, check_encoders, find_ffmpeg
 from tydust_gen.export.tags import TrackTags
+from tydust_gen.export.verify import decoded_duration, inspect_file, mp3_gapless_duration
 
 TAGS = TrackTags(title="Phase 4 - Peak", genre="darkwave", comment="dark synths | seed=7 | model=tiny", bpm=124)
 
@@ -119,3 +121,53 @@ def test_unwritable_output_folder(tmp_path):
     assert not (tmp_path / "new").exists()  # checking creates nothing
     with pytest.raises(OutputDirError, match="not a folder"):
         export.check_output_dir(blocker)
+
+
+# --- MP3 length: read where the format puts it, never found by searching the bytes ---
+
+
+def syncsafe(n: int) -> bytes:
+    return bytes((n >> shift) & 0x7F for shift in (21, 14, 7, 0))
+
+
+def test_mp3_length_ignores_header_look_alikes_in_stacked_id3_tags(tmp_path, ffmpeg):
+    """A tag before the real one (with a footer) holds "Info"/"Xing" headers that a byte search would take."""
+    (f_mp3, _) = export.export_track(stereo(1.3), tmp_path, "t", TAGS, ffmpeg=ffmpeg)
+    fake_header = b"Info" + (0x0F).to_bytes(4, "big") + (0xFFFFFF).to_bytes(4, "big") + bytes(108) + b"Lavc" + bytes(40)
+    body = b"TXXX" + syncsafe(len(fake_header) + 1) + b"\x00\x00" + b"\x03" + fake_header + b"Xing" + bytes(64)
+    stacked = b"ID3\x04\x00\x10" + syncsafe(len(body)) + body + b"3DI\x04\x00\x10" + syncsafe(len(body))
+    path = tmp_path / "stacked.mp3"
+    path.write_bytes(stacked + f_mp3.path.read_bytes())
+    assert abs(mp3_gapless_duration(path, 44_100) - 1.3) < 0.001
+    assert abs(inspect_file(path, "mp3").duration_s - 1.3) < 0.001
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "bitrate"),
+    [(44_100, 1, "64k"), (22_050, 2, "64k"), (22_050, 1, "32k"), (8_000, 2, "16k")],  # MPEG-1 mono, MPEG-2, MPEG-2.5
+)
+def test_mp3_length_in_every_frame_layout(tmp_path, ffmpeg, rate, channels, bitrate):
+    """Side information is 32/17 bytes (MPEG-1 stereo/mono) or 17/9 (MPEG-2 and 2.5); 576 samples a frame past MPEG-1."""
+    path = tmp_path / "t.mp3"
+    cmd = [ffmpeg.path, "-v", "error", "-f", "lavfi", "-i", "sine=f=440:d=1.25", "-ar", str(rate), "-ac", str(channels),
+           "-c:a", "libmp3lame", "-b:a", bitrate, str(path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert abs(mp3_gapless_duration(path) - 1.25) < 0.001
+    assert mp3_gapless_duration(path, 48_000) is None  # a caller that read another rate gets no answer
+
+
+def test_mp3_whose_info_tag_has_no_frame_count_is_measured_by_decoding(tmp_path, ffmpeg):
+    """An Info tag without a frame count (older encoders) gives no gapless length: the decoded samples do."""
+    (f_mp3, _) = export.export_track(stereo(1.5), tmp_path, "t", TAGS, ffmpeg=ffmpeg)
+    data = bytearray(f_mp3.path.read_bytes())
+    start = 10 + sum(b << (7 * (3 - k)) for k, b in enumerate(data[6:10]))  # past the ID3v2 tag
+    info = start + 4 + 32  # MPEG-1 stereo: header, side information
+    assert data[info : info + 8] == b"Info\x00\x00\x00\x0f"  # frames, bytes, seek table, quality
+    lame = data[info + 120 : info + 156]  # encoder string and LAME extension
+    data[info : info + 156] = (b"Info" + bytes(4) + lame).ljust(156, b"\x00")  # flags: nothing
+    path = tmp_path / "no-count.mp3"
+    path.write_bytes(bytes(data))
+    assert mp3_gapless_duration(path, 44_100) is None
+    length = inspect_file(path, "mp3").duration_s
+    assert length == decoded_duration(path)
+    assert abs(length - 1.5) < 0.05

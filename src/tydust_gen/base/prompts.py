@@ -29,6 +29,8 @@ A track ``NAME`` is ``<prompts dir>/NAME.toml`` or ``<prompts dir>/NAME.txt``.
 
 Unknown keys and malformed TOML are errors naming the file and line. Having both
 ``NAME.toml`` and ``NAME.txt`` is an error too: which one wins would be a guess.
+Text that the MP3 and OGG tags could not carry as typed is refused here, before
+the model loads (:func:`check_tag_text`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ METADATA_KEYS = ("prompt", "title", "genre", "folder", "bpm")
 ALLOWED_KEYS = METADATA_KEYS + tuple(SETTING_PARSERS) + tuple(MASTERING_PARSERS)
 _TRACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# ID3 reads a genre that is a number, "RX", "CR", or starts with "(13)" / "((" as an ID3v1
+# genre code (mutagen rewrites "13" to "Pop" on save, players show "Pop"). \d is any decimal digit.
+_ONE_LINE_FIELDS = ("title", "genre")  # ID3 text frames; the comment (COMM) may hold line breaks
+_ID3_GENRE_CODE = re.compile(r"\d+|RX|CR|\((?:\d+|RX|CR)\).*|\(\(.*", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,49 @@ def _str_field(data: dict[str, Any], key: str, path: Path) -> str | None:
     return value.strip()
 
 
+def check_tag_text(field_name: str, value: str, path: Path) -> None:
+    """Refuse text the MP3 (ID3v2.4) and OGG (Vorbis comment) tags cannot carry as typed.
+
+    The prompt, title and genre are written into both files' tags (the prompt
+    inside the comment) and must read back exactly as the prompt file gives
+    them. These cannot:
+
+    * U+0000 (NUL): ID3v2.4 separates the values of a text frame with NUL, so
+      "a<NUL>b" reads back as two values, "a" and "b".
+    * text that is not valid Unicode (lone surrogates): both tags store UTF-8.
+    * a line break (CR or LF) in the title or genre: ID3 text frames (TIT2,
+      TCON) are one line ("newline characters are forbidden" unless a frame
+      allows them); mutagen reads a genre only up to its first LF. The prompt
+      has its whitespace collapsed, so it never holds one.
+    * a genre ID3 reads as an ID3v1 genre code: a number ("13" shows as "Pop"),
+      "RX", "CR", or text starting with "(13)", "(RX)", "(CR)" or "((".
+
+    Everything else (any script, emoji, right-to-left text, quotes, tabs and
+    other control characters, words such as "Info" or "ID3") is stored as is.
+
+    Raises:
+        PromptError: names the file, the field and what to change.
+    """
+    if "\x00" in value:
+        raise PromptError(
+            f"{path}: {field_name} contains a NUL character (U+0000, at character {value.index(chr(0)) + 1}), "
+            "which MP3 tags cannot store; remove it"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(
+            f"{path}: {field_name} is not valid Unicode at character {exc.start + 1}; save the file as UTF-8 text"
+        ) from None
+    if field_name in _ONE_LINE_FIELDS and ("\n" in value or "\r" in value):
+        raise PromptError(f"{path}: {field_name} contains a line break, which an MP3 {field_name} tag cannot hold; put it on one line")
+    if field_name == "genre" and _ID3_GENRE_CODE.fullmatch(value):
+        raise PromptError(
+            f"{path}: genre {value!r} would show in players as an ID3 genre code, not as written; "
+            'use a name (e.g. genre = "synthwave"), and folder = "..." if it names the output folder'
+        )
+
+
 def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> TrackSpec:
     """Read and validate track ``name`` from ``prompts_dir``.
 
@@ -159,7 +208,9 @@ def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> Trac
     path = find_prompt_file(name, prompts_dir)
     text = _read_text(path)
     if path.suffix == ".txt":
-        return TrackSpec(name=name, prompt=_clean_prompt(text, path), path=path, title=name)
+        prompt = _clean_prompt(text, path)
+        check_tag_text("prompt", prompt, path)
+        return TrackSpec(name=name, prompt=prompt, path=path, title=name)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -177,6 +228,10 @@ def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> Trac
     prompt = _clean_prompt(data["prompt"], path)
     genre = _str_field(data, "genre", path)
     folder = _str_field(data, "folder", path)
+    title = _str_field(data, "title", path) or name
+    for key, value in (("prompt", prompt), ("title", title), ("genre", genre)):
+        if value is not None:
+            check_tag_text(key, value, path)
     sub = folder or genre
     if sub is not None and not _FOLDER_NAME.fullmatch(sub):
         what = "folder" if folder else "genre"
@@ -195,7 +250,7 @@ def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> Trac
         name=name,
         prompt=prompt,
         path=path,
-        title=_str_field(data, "title", path) or name,
+        title=title,
         genre=genre,
         folder=sub,
         bpm=float(bpm) if bpm is not None else None,

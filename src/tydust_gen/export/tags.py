@@ -107,6 +107,8 @@ def write_tags(path: Path, fmt: str, tags: TrackTags) -> None:
             id3 = ID3(path)
         except ID3NoHeaderError:
             id3 = ID3()
+        # Players show COMM (language, empty description) as "the comment"; pydub's tags={"comment": ...}
+        # would have written TXXX:comment, which they don't, so none may linger.
         id3.delall("TXXX:comment")
         id3.add(TIT2(encoding=3, text=tags.title))
         if tags.genre:

@@ -8,6 +8,8 @@ stereo → MP3 + OGG for one planned track on an already loaded model.
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -38,13 +40,15 @@ from tydust_gen.export.tags import TrackTags, write_loop_tags
 from tydust_gen.export.verify import ExportedFile
 from tydust_gen.model import generate
 from tydust_gen.model.generate import CodeBackend, ProgressCallback
-from tydust_gen.model.loading import LoadedModel
+from tydust_gen.model.loading import LoadedModel, ModelSource
 from tydust_gen.runs import provenance
 from tydust_gen.model.conditioning import encode_text
 
 DEFAULT_OUTPUT_ROOT = Path("assets/music")
 PREVIEW_SUFFIX = ".png"
 RANDOM_SEED_BITS = 31  # seeds picked for the user fit in a signed 32-bit int, easy to retype
+_HF_CACHE_REPO_PREFIX = "models--"  # huggingface_hub cache folder of a model repo: models--ORG--NAME
+_TAG_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # ORG/NAME, nothing path-like
 
 
 @dataclass(frozen=True)
@@ -163,12 +167,36 @@ def plan_track(
     return TrackPlan(spec, settings, seed_was_random, dest, outputs, mastering, takes)
 
 
-def comment_for(plan: TrackPlan, model_ref: str, take: int = 1) -> str:
-    """The comment tag: prompt, seed and model (and take of a batch), so a file says how it was made."""
+def model_tag_id(source: ModelSource) -> str:
+    """The model's name as the tags give it: a hub id, never a local path.
+
+    Tags ship inside a game's audio, so a ``--model`` folder must not put the
+    user's directories there (the provenance record keeps the path). A hub id
+    is used as given; a Hugging Face cache snapshot
+    (``.../models--ORG--NAME/snapshots/COMMIT``) gives ``ORG/NAME``; another
+    folder gives its config's ``_name_or_path`` when that is a hub id
+    (``ORG/NAME``, as older transformers saved it), else the folder's own name.
+    """
+    if source.hub_id is not None or source.local_dir is None:
+        return source.hub_id or source.ref
+    folder = source.local_dir
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(_HF_CACHE_REPO_PREFIX):
+        return folder.parent.parent.name[len(_HF_CACHE_REPO_PREFIX) :].replace("--", "/")
+    try:
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if isinstance(saved, str) and _TAG_HUB_ID.fullmatch(saved):
+        return saved
+    return folder.name
+
+
+def comment_for(plan: TrackPlan, model_id: str, take: int = 1) -> str:
+    """The comment tag: prompt, seed and model id (:func:`model_tag_id`) (and take of a batch), so a file says how it was made."""
     if len(plan.takes) > 1:
         seed = variation_seed(plan.settings.seed, take - 1)
-        return f"{plan.spec.prompt} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_ref}"
-    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model_ref}"
+        return f"{plan.spec.prompt} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_id}"
+    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model_id}"
 
 
 def render_track(
@@ -265,7 +293,7 @@ def render_takes(
         tags = TrackTags(
             title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
             genre=plan.spec.genre,
-            comment=comment_for(plan, loaded.source.ref, take=index),
+            comment=comment_for(plan, model_tag_id(loaded.source), take=index),
             bpm=plan.spec.bpm,
         )
         batch = len(plan.takes) > 1
