@@ -140,7 +140,49 @@ def test_quiet_prints_nothing_and_piped_output_has_no_progress_bar(workdir, run_
     piped = run_cli("game_over", "-d", "0.4", "-o", "p")
     assert piped.exit_code == 0
     assert "━" not in piped.stderr and "eta" not in piped.stderr
-    assert "warning: no CUDA GPU found" in piped.stderr or "cuda" in piped.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_auto_device_without_gpu_warns_and_runs_on_the_cpu(workdir, run_cli):
+    result = run_cli("game_over", "-d", "0.4", "-o", "p")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "warning: no CUDA GPU found; generating on the CPU, which is much slower" in lines
+    assert any(line.startswith("loading ") and line.endswith(" on cpu…") for line in lines)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_device_with_gpu_runs_on_cuda_without_warning(workdir, run_cli):
+    result = run_cli("game_over", "-d", "0.4", "-o", "p")
+    assert result.exit_code == 0, result.stderr
+    assert "no CUDA GPU found" not in result.stderr
+    assert any(line.startswith("loading ") and line.endswith(" on cuda…") for line in result.stderr.splitlines())
+
+
+def test_each_failed_track_gives_one_error_line(workdir, run_cli):
+    """A track that fails is reported once, in one ``error:`` line, by generate and by regenerate.
+
+    The summary table at the end repeats the reason in the failed row's last column: that is the
+    table's content (a batch's errors may have scrolled away by then), not a second error line.
+    """
+    assert run_cli("game_over", "-d", "0.3", "--seed", "4", "-o", "first").exit_code == 0
+    full_disk = {"TYDUST_TEST_FAULT": "enospc:ogg", "COLUMNS": "300"}  # wide: table rows do not wrap
+    result = run_cli("game_over", "menu_calm", "-d", "0.3", "-o", "out", env=full_disk)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    reasons = {name: f"could not write {name}.ogg: No space left on device" for name in ("game_over", "menu_calm")}
+    assert [line for line in lines if line.startswith("error:")] == [f"error: {n}: {r}" for n, r in reasons.items()]
+    for name, reason in reasons.items():
+        mentions = [line for line in lines if reason in line]
+        assert len(mentions) == 2, result.stderr  # the error line and the table row
+        assert mentions[1].split()[:2] == [name, "failed"]
+
+    again = run_cli("regenerate", "first/game_over.json", "-o", "again", model=False, env=full_disk)
+    assert again.exit_code == 1
+    assert [line for line in again.stderr.splitlines() if reasons["game_over"] in line] == [
+        f"error: game_over: {reasons['game_over']}"
+    ], again.stderr
 
 
 def test_progress_bar_on_a_terminal(workdir, run_cli):

@@ -49,10 +49,23 @@ def test_remove_dc_kills_offset_and_keeps_music_band():
     y = remove_dc(x, SR)
     assert np.abs(y.mean(axis=1)).max() < 1e-3
     assert level_db(y[:, SR // 2 : -SR // 2]) == pytest.approx(level_db(tone(1000.0, 1.0, 0.25)), abs=0.05)
-    for freq, loss_db in ((40.0, 0.53), (60.0, 0.11)):  # 2nd-order Butterworth at 20 Hz, run twice
+    # 2nd-order Butterworth at 20 Hz, forward and backward: 10 log10(1 + (20 Hz / f)^4) dB
+    for freq, loss_db in ((20.0, 6.02), (40.0, 0.53), (60.0, 0.11)):
         low = tone(freq, 4.0, 0.25)
         kept = level_db(remove_dc(low, SR)[:, SR:-SR]) - level_db(low[:, SR:-SR])
         assert kept == pytest.approx(-loss_db, abs=0.05)
+
+
+def test_master_without_highpass_leaves_dc_removal_to_the_caller():
+    """``highpass_hz=None`` (what the pipeline passes after its own remove_dc): no second filter pass."""
+    low = remove_dc(tone(20.0, 4.0, 0.25), SR)
+    faded = low.copy()
+    faded[:, :SR] *= np.linspace(0.0, 1.0, SR, dtype=np.float32)  # a fade-in: its mean is not the DC offset
+    result = master(faded, SR, target_lufs=None, highpass_hz=None)
+    assert result.gain_db == 0.0 and np.array_equal(result.samples, faded)
+    # the default runs the filter again: the 20 Hz tone loses another 6 dB
+    again = master(low, SR, target_lufs=None).samples
+    assert level_db(again[:, SR:-SR]) - level_db(low[:, SR:-SR]) == pytest.approx(-6.02, abs=0.05)
 
 
 @pytest.mark.parametrize("target", [-14.0, -20.0])

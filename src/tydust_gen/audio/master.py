@@ -13,7 +13,10 @@ What the stage promises:
   runs a gentle, zero-phase 20 Hz high-pass (:func:`remove_dc`) before any
   loudness work. 20 Hz is below the lowest note game music uses; the 2nd-order
   Butterworth runs forward and backward (no phase shift, -6 dB at 20 Hz,
-  -0.5 dB at 40 Hz, -0.1 dB at 60 Hz).
+  -0.5 dB at 40 Hz, -0.1 dB at 60 Hz). It must run exactly once: a second pass
+  doubles every loss (-12 dB at 20 Hz, -1 dB at 40 Hz). A caller that removes DC
+  itself (the pipeline does, before loop folding and fades) passes
+  ``highpass_hz=None`` to :func:`master`.
 * **Loudness** is ITU-R BS.1770-4 integrated loudness (LUFS), measured with
   pyloudnorm. **True peak** is the largest magnitude of the signal upsampled
   4x with a polyphase low-pass (:data:`TRUE_PEAK_OVERSAMPLE`), in dBTP, as in
@@ -434,8 +437,8 @@ def master(
 ) -> MasterResult:
     """Remove DC, normalise loudness to a target and keep true peaks under a ceiling.
 
-    Steps: DC removal (:func:`remove_dc`, unless ``highpass_hz`` is None, in
-    which case only the mean is removed); measure loudness and true peak;
+    Steps: DC removal (:func:`remove_dc`, unless ``highpass_hz`` is None: the
+    caller has removed DC already); measure loudness and true peak;
     apply the static gain that reaches ``target_lufs``; if that pushes the
     true peak above ``ceiling_dbtp - margin_db``, either limit (``limiter``)
     with at most ``max_limiting_db`` of gain reduction, raising the gain in
@@ -454,7 +457,9 @@ def master(
             raises it when the encoded files overshoot.
         limiter: allow the look-ahead limiter; False means static gain only.
         max_limiting_db: most peak reduction the limiter may apply, dB (>= 0).
-        highpass_hz: DC high-pass corner, Hz; None removes only the mean.
+        highpass_hz: DC high-pass corner, Hz. None: no DC removal here, because the
+            caller already ran :func:`remove_dc` (the pipeline does, before loop
+            folding and fades); a second pass would double its low-frequency loss.
         circular: the audio is a seamless loop; filters and limiter wrap around.
 
     Returns:
@@ -480,7 +485,9 @@ def master(
     raw = as_audio(samples)
     dc = tuple(float(v) for v in raw.mean(axis=1, dtype=np.float64))
     if highpass_hz is None:
-        audio = raw - raw.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+        # Not even the mean: after fades it is no longer the DC offset, and subtracting
+        # it would lift the fades' exact zero ends.
+        audio = raw
     else:
         audio = remove_dc(raw, sample_rate, cutoff_hz=highpass_hz, circular=circular)
 

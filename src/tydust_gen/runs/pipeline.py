@@ -9,12 +9,13 @@ stereo → MP3 + OGG for one planned track on an already loaded model.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from tydust_gen.base.variations import variation_names, variation_seed
 from tydust_gen.base.waveform import Waveform
 from tydust_gen.export import staging as export
 from tydust_gen.export.ffmpeg import Ffmpeg
-from tydust_gen.export.loudness import master_for_encoding
+from tydust_gen.export.loudness import EncodedMasterResult, master_for_encoding
 from tydust_gen.export.tags import TrackTags, write_loop_tags
 from tydust_gen.export.verify import ExportedFile
 from tydust_gen.model import generate
@@ -269,25 +270,8 @@ def render_takes(
     for index, (take, wave) in enumerate(zip(plan.takes, waves), start=1):
         ta = time.perf_counter()
         announce("mastering" if len(plan.takes) == 1 else f"mastering take {index}")
-        stereo = audio.to_44k1_stereo(wave, gen_duration)
-        sr = stereo.sample_rate
-        raw = stereo.samples.numpy()
-        dc_offset = [_num(v) for v in raw.mean(axis=1)]
-        # DC goes before loop folding and fades: fading an offset makes a thump.
-        x = master_stage.remove_dc(raw, sr)
-        loop_info = None
-        if m.loop:
-            n = loop_stage.loop_length_samples(plan.settings.duration_s, sr)
-            folded = loop_stage.make_loop(x, sr, n)
-            # The same audio cut hard at N, for comparison: what the loop folding saves.
-            naive = loop_stage.seam_metric(loop_stage.naive_loop(x, n), sr)
-            x = folded.samples
-            loop_info = {"loop_start": int(folded.loop_start), "loop_length": int(folded.loop_length),
-                         "source_offset": int(folded.source_offset), "crossfade_samples": int(folded.crossfade_samples),
-                         "correlation": _num(folded.correlation)}  # fmt: skip
-            loop_info.update({f"naive_cut_{k}": _num(v) for k, v in naive.__dict__.items()})
-        elif m.fade_in_s or m.fade_out_s:
-            x = master_stage.apply_fades(x, sr, fade_in_s=m.fade_in_s, fade_out_s=m.fade_out_s)
+        prepared = prepare_take_audio(wave, generated_s=gen_duration, duration_s=plan.settings.duration_s, mastering=m)
+        sr, dc_offset, loop_info = prepared.sample_rate, prepared.dc_offset, prepared.loop
         tb = time.perf_counter()
         announce("encoding" if len(plan.takes) == 1 else f"encoding take {index}")
         tags = TrackTags(
@@ -313,9 +297,7 @@ def render_takes(
                 def encode(mastering_pass) -> list[Path]:
                     return staging.encode(Waveform(_tensor(mastering_pass.samples), sr), tags)
 
-                mastered = master_for_encoding(
-                    x, sr, encode, target_lufs=m.loudness_lufs, ceiling_dbtp=m.true_peak_dbtp, circular=m.loop
-                )
+                mastered = master_take(prepared, m, encode)
                 if m.loop:
                     write_loop_tags(staging.staged("ogg"), loop_info["loop_start"], loop_info["loop_length"])
                     seam = loop_stage.seam_metric(mastered.master.samples, sr)
@@ -348,6 +330,69 @@ def render_takes(
         results.append(result)
     announce("done")
     return results
+
+
+@dataclass(frozen=True)
+class TakeAudio:
+    """One take between the model and the mastering stage.
+
+    Attributes:
+        samples: float32 ``[2, N]`` at ``sample_rate``: DC removed, then looped or faded.
+        sample_rate: Hz (44.1 kHz).
+        dc_offset: each channel's mean before DC removal (JSON numbers).
+        loop: loop points and seam figures of the hard cut, in loop mode; else None.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    dc_offset: list[Any]
+    loop: dict[str, Any] | None
+
+
+def prepare_take_audio(wave: Waveform, *, generated_s: float, duration_s: float, mastering: MasteringSettings) -> TakeAudio:
+    """The model's output (32 kHz) → 44.1 kHz stereo → DC removal → loop folding or fades.
+
+    Args:
+        wave: one take as decoded by EnCodec, ``[1, N]`` at the model's rate.
+        generated_s: seconds generated (the track plus the loop overrun in loop mode).
+        duration_s: the track's length, seconds (the loop length in loop mode).
+        mastering: fades and loop mode.
+    """
+    m = mastering
+    stereo = audio.to_44k1_stereo(wave, generated_s)
+    sr = stereo.sample_rate
+    raw = stereo.samples.numpy()
+    dc_offset = [_num(v) for v in raw.mean(axis=1)]
+    # DC goes here, once, before loop folding and fades: fading an offset makes a thump.
+    # master_take tells the mastering stage not to run the high-pass a second time.
+    x = master_stage.remove_dc(raw, sr)
+    loop_info = None
+    if m.loop:
+        n = loop_stage.loop_length_samples(duration_s, sr)
+        folded = loop_stage.make_loop(x, sr, n)
+        # The same audio cut hard at N, for comparison: what the loop folding saves.
+        naive = loop_stage.seam_metric(loop_stage.naive_loop(x, n), sr)
+        x = folded.samples
+        loop_info = {"loop_start": int(folded.loop_start), "loop_length": int(folded.loop_length),
+                     "source_offset": int(folded.source_offset), "crossfade_samples": int(folded.crossfade_samples),
+                     "correlation": _num(folded.correlation)}  # fmt: skip
+        loop_info.update({f"naive_cut_{k}": _num(v) for k, v in naive.__dict__.items()})
+    elif m.fade_in_s or m.fade_out_s:
+        x = master_stage.apply_fades(x, sr, fade_in_s=m.fade_in_s, fade_out_s=m.fade_out_s)
+    return TakeAudio(x, sr, dc_offset, loop_info)
+
+
+def master_take(
+    take: TakeAudio,
+    mastering: MasteringSettings,
+    encode: Callable[[master_stage.MasterResult], Sequence[str | os.PathLike[str]]],
+) -> EncodedMasterResult:
+    """Master a prepared take to the loudness target and the ceiling, checked on the files ``encode`` writes."""
+    m = mastering
+    return master_for_encoding(
+        take.samples, take.sample_rate, encode, target_lufs=m.loudness_lufs, ceiling_dbtp=m.true_peak_dbtp,
+        circular=m.loop, highpass_hz=None,  # prepare_take_audio removed DC already
+    )  # fmt: skip
 
 
 def _loudness_figures(m: MasteringSettings, mastered, dc_offset: list[Any]) -> dict[str, Any]:
