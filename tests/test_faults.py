@@ -135,26 +135,21 @@ def test_signal_while_ffmpeg_runs_kills_it(workdir, tiny_model_dir, out_with_tak
     """ffmpeg is mid-encode (a wrapper that stalls): a signal to us, or to our whole process group, ends ffmpeg too."""
     out, before = out_with_take
     real = find_ffmpeg().path
-    pidfile = tmp_path / "ffmpeg.pid"
     script = tmp_path / "slow-ffmpeg"
     script.write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *libvorbis*) echo $$ > "{pidfile}"; sleep 30 ;; esac\n'
+        "#!/bin/sh\n"  # its parent is the CLI: announce ourselves on the CLI's stderr, which the test reads
+        'case "$*" in *libvorbis*) echo "tydust-test-hook: ffmpeg $$" > /proc/$PPID/fd/2; sleep 30 ;; esac\n'
         f'exec "{real}" "$@"\n'
     )
     script.chmod(0o755)
     proc = spawn(workdir, tiny_model_dir, "game_over", "-d", "0.6", "-o", "out", "--force", TYDUST_FFMPEG=str(script), new_group=to_group)
-    deadline = time.monotonic() + 90
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    ffmpeg_pid = int(pidfile.read_text())
+    ffmpeg_pid = int(wait_for_marker(proc, "ffmpeg")[-1].split()[-1])
     if to_group:
         os.killpg(proc.pid, sig)
         sig = None
     rc, err = finish(proc, sig)
     assert rc == code and err.strip().splitlines()[-1] == message, err
-    time.sleep(0.2)
+    # no wait needed: the CLI kills and reaps its ffmpeg before it exits (base/processes.py)
     assert not Path(f"/proc/{ffmpeg_pid}").exists() or "Z" in Path(f"/proc/{ffmpeg_pid}/stat").read_text().split()[2]
     assert snapshot(out) == before
     no_leftovers(workdir)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from synth import SR, encode, music
 
-from tydust_gen.audio.master import master, measure_loudness, remove_dc, true_peak
+from tydust_gen.audio.master import DC_HIGHPASS_HZ, master, measure_loudness, remove_dc, true_peak
 from tydust_gen.base.errors import SettingsError
 from tydust_gen.export.loudness import (
     ceiling_margin_for,
@@ -56,22 +56,22 @@ def test_remove_dc_kills_offset_and_keeps_music_band():
         assert kept == pytest.approx(-loss_db, abs=0.05)
 
 
-def test_master_without_highpass_leaves_dc_removal_to_the_caller():
-    """``highpass_hz=None`` (what the pipeline passes after its own remove_dc): no second filter pass."""
+def test_master_leaves_dc_removal_to_the_caller():
+    """By default master() does not filter again what remove_dc already filtered (the pipeline's order)."""
     low = remove_dc(tone(20.0, 4.0, 0.25), SR)
     faded = low.copy()
     faded[:, :SR] *= np.linspace(0.0, 1.0, SR, dtype=np.float32)  # a fade-in: its mean is not the DC offset
-    result = master(faded, SR, target_lufs=None, highpass_hz=None)
-    assert result.gain_db == 0.0 and np.array_equal(result.samples, faded)
-    # the default runs the filter again: the 20 Hz tone loses another 6 dB
-    again = master(low, SR, target_lufs=None).samples
+    for result in (master(faded, SR, target_lufs=None), master(faded, SR, target_lufs=None, highpass_hz=None)):
+        assert result.gain_db == 0.0 and np.array_equal(result.samples, faded)
+    # asked to, it runs the filter again: the 20 Hz tone loses another 6 dB
+    again = master(low, SR, target_lufs=None, highpass_hz=DC_HIGHPASS_HZ).samples
     assert level_db(again[:, SR:-SR]) - level_db(low[:, SR:-SR]) == pytest.approx(-6.02, abs=0.05)
 
 
 @pytest.mark.parametrize("target", [-14.0, -20.0])
 def test_reachable_target_within_half_lu_and_under_ceiling(target):
     x = music(8.0, seed=1, dc=0.3)
-    result = master(x, SR, target_lufs=target, ceiling_dbtp=-1.0)
+    result = master(x, SR, target_lufs=target, ceiling_dbtp=-1.0, highpass_hz=DC_HIGHPASS_HZ)  # raw: DC in
     assert result.target_reached
     assert abs(measure_loudness(result.samples, SR) - target) <= 0.5
     assert true_peak(result.samples) <= -1.0 + 1e-6
@@ -90,7 +90,7 @@ def test_limiter_engages_to_reach_target():
 
 def test_unreachable_target_reports_reached_loudness_and_never_clips():
     x = music(8.0, seed=2, dc=0.3)
-    result = master(x, SR, target_lufs=-3.0, ceiling_dbtp=-1.0, max_limiting_db=4.0)
+    result = master(x, SR, target_lufs=-3.0, ceiling_dbtp=-1.0, max_limiting_db=4.0, highpass_hz=DC_HIGHPASS_HZ)
     assert not result.target_reached
     measured = measure_loudness(result.samples, SR)
     assert result.output_lufs == pytest.approx(measured, abs=0.01)

@@ -9,14 +9,14 @@ What the stage promises:
 * **DC first.** MusicGen, and above all the tiny test model, can emit a large DC
   offset (FACTS.md: +0.25..+0.45). A DC offset inflates sample and true peaks,
   makes fades thump and wastes limiter headroom, while BS.1770's K-weighting
-  almost ignores it. So :func:`master` subtracts each channel's mean and then
-  runs a gentle, zero-phase 20 Hz high-pass (:func:`remove_dc`) before any
+  almost ignores it. So :func:`remove_dc` subtracts each channel's mean and then
+  runs a gentle, zero-phase 20 Hz high-pass, before loop folding, fades and any
   loudness work. 20 Hz is below the lowest note game music uses; the 2nd-order
   Butterworth runs forward and backward (no phase shift, -6 dB at 20 Hz,
   -0.5 dB at 40 Hz, -0.1 dB at 60 Hz). It must run exactly once: a second pass
-  doubles every loss (-12 dB at 20 Hz, -1 dB at 40 Hz). A caller that removes DC
-  itself (the pipeline does, before loop folding and fades) passes
-  ``highpass_hz=None`` to :func:`master`.
+  doubles every loss (-12 dB at 20 Hz, -1 dB at 40 Hz). Every caller has to
+  remove DC before folding a loop or fading anyway, so :func:`master` leaves DC
+  alone unless asked (``highpass_hz``) for audio that skipped :func:`remove_dc`.
 * **Loudness** is ITU-R BS.1770-4 integrated loudness (LUFS), measured with
   pyloudnorm. **True peak** is the largest magnitude of the signal upsampled
   4x with a polyphase low-pass (:data:`TRUE_PEAK_OVERSAMPLE`), in dBTP, as in
@@ -34,7 +34,7 @@ What the stage promises:
 * **Fades** are equal-power (quarter sine / quarter cosine) and exactly as long
   as asked (:func:`apply_fades`).
 
-Loop mode: pass ``circular=True`` so the DC filter, true-peak scan and limiter
+Loop mode: pass ``circular=True`` so the true-peak scan and limiter (and the DC filter, if asked)
 treat the end of the array as joined to its start and keep the seam seamless.
 Never fade a loop.
 """
@@ -432,13 +432,14 @@ def master(
     margin_db: float = 0.0,
     limiter: bool = True,
     max_limiting_db: float = DEFAULT_MAX_LIMITING_DB,
-    highpass_hz: float | None = DC_HIGHPASS_HZ,
+    highpass_hz: float | None = None,
     circular: bool = False,
 ) -> MasterResult:
-    """Remove DC, normalise loudness to a target and keep true peaks under a ceiling.
+    """Normalise loudness to a target and keep true peaks under a ceiling.
 
-    Steps: DC removal (:func:`remove_dc`, unless ``highpass_hz`` is None: the
-    caller has removed DC already); measure loudness and true peak;
+    Expects audio whose DC is gone (:func:`remove_dc`, run once, before loop
+    folding and fades). Steps: DC removal only if ``highpass_hz`` asks for it;
+    measure loudness and true peak;
     apply the static gain that reaches ``target_lufs``; if that pushes the
     true peak above ``ceiling_dbtp - margin_db``, either limit (``limiter``)
     with at most ``max_limiting_db`` of gain reduction, raising the gain in
@@ -457,9 +458,10 @@ def master(
             raises it when the encoded files overshoot.
         limiter: allow the look-ahead limiter; False means static gain only.
         max_limiting_db: most peak reduction the limiter may apply, dB (>= 0).
-        highpass_hz: DC high-pass corner, Hz. None: no DC removal here, because the
-            caller already ran :func:`remove_dc` (the pipeline does, before loop
-            folding and fades); a second pass would double its low-frequency loss.
+        highpass_hz: run :func:`remove_dc` with this corner (Hz) first, for audio
+            that has not been through it. None (default): the caller already ran
+            it (the pipeline does, before loop folding and fades); a second pass
+            would double its low-frequency loss.
         circular: the audio is a seamless loop; filters and limiter wrap around.
 
     Returns:
