@@ -7,13 +7,15 @@ is imported only when a picture is asked for, with the non-interactive Agg
 backend so no display is needed.
 
 The PNG appears whole or not at all: it is rendered to a temporary name in the
-destination folder and moved into place with ``os.replace``.
+destination folder and moved into place with ``os.replace``. It gets the mode
+any new file gets under the user's umask, like the MP3 and OGG beside it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ WAVEFORM_COLUMNS = 2000  # min/max pairs drawn; enough for the width, far fewer 
 SPECTROGRAM_NFFT = 2048  # samples; ~46 ms at 44.1 kHz, resolves notes down to ~40 Hz apart
 SPECTROGRAM_RANGE_DB = 90.0  # dB shown below the loudest bin
 SEAM_COLOR = "#d62728"
+TEMP_NAME_TRIES = 100  # random temporary names tried before giving up (as tempfile does)
 
 
 def _load_pyplot() -> Any:
@@ -41,6 +44,23 @@ def _load_pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _create_temporary(dest: Path) -> tuple[int, str]:
+    """Open a new temporary file beside ``dest``; returns ``(fd, name)``.
+
+    Not ``tempfile.mkstemp``: it creates files mode 0600, and the PNG is
+    published beside MP3/OGG files that get the mode a normal file gets under
+    the user's umask. ``os.open`` with 0o666 lets the umask decide, as for them.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # O_BINARY: Windows
+    for _ in range(TEMP_NAME_TRIES):
+        name = str(dest.parent / f".{dest.stem}.{secrets.token_hex(8)}.png.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(dest.parent))
 
 
 def _min_max_columns(channel: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +148,7 @@ def render_preview(
         fig.tight_layout()
 
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=".png.tmp", dir=dest.parent)
+            fd, tmp_name = _create_temporary(dest)
         except OSError as exc:
             raise OutputDirError(f"cannot write the preview picture in {dest.parent}: {exc}") from exc
         try:

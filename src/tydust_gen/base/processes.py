@@ -1,11 +1,25 @@
-"""ffmpeg child processes that die with us.
+"""ffmpeg child processes that die with us, and every OS difference in handling them.
 
 pydub runs ffmpeg with ``subprocess.Popen(...).communicate()``. If SIGTERM or
 Ctrl-C interrupts that wait, Python unwinds but the child would keep running
 and write into a staging folder being removed. :func:`reaped` runs pydub's
-children in their own session (so a terminal's Ctrl-C reaches only us and we
-decide) and kills their whole process group when the block exits with an
-exception.
+children in their own process group (so a terminal's Ctrl-C reaches only us
+and we decide) and kills them when the block exits with an exception.
+
+This module is the one place that knows how process groups differ between
+systems; nothing else in the package calls ``os.killpg`` or names ``SIGKILL``:
+
+* POSIX (Linux, macOS): the child starts a new session (``setsid``), so its
+  process group id is its pid; :func:`kill_tree` sends SIGKILL to that group,
+  which also ends anything ffmpeg itself started.
+* Windows: the child gets ``CREATE_NEW_PROCESS_GROUP`` (the console's Ctrl-C
+  then does not reach it) and :func:`kill_tree` ends it with
+  ``TerminateProcess`` (``Popen.kill``). ffmpeg starts no children of its own
+  there, so the process is the whole tree.
+
+Each branch is chosen by what the running Python offers (``os.killpg``,
+``signal.SIGKILL``, ``subprocess.CREATE_NEW_PROCESS_GROUP``), not by the
+platform's name, so a system lacking one of them still imports and runs.
 """
 
 from __future__ import annotations
@@ -14,14 +28,43 @@ import contextlib
 import os
 import signal
 import subprocess
-from typing import Iterator
+from typing import Any, Iterator
+
+KILL_WAIT_S = 5.0  # seconds to wait for a killed child to be reaped
+
+
+def _has_process_groups() -> bool:
+    """POSIX process groups: a new session at start, SIGKILL to the group at the end."""
+    return hasattr(os, "setsid") and hasattr(os, "killpg") and hasattr(signal, "SIGKILL")
+
+
+def new_group_options() -> dict[str, Any]:
+    """``Popen`` keyword arguments that start a child in its own process group, on this system."""
+    if _has_process_groups():
+        return {"start_new_session": True}
+    flag = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)  # Windows only
+    return {"creationflags": flag} if flag else {}
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` (and, where the system has process groups, its group) and reap it; never raises."""
+    if proc.poll() is not None:
+        return
+    if _has_process_groups():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.kill()  # SIGKILL on POSIX, TerminateProcess on Windows
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=KILL_WAIT_S)
 
 
 class _Tracked(subprocess.Popen):
     live: list["_Tracked"] = []
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("start_new_session", True)
+        for key, value in new_group_options().items():
+            kwargs.setdefault(key, value)
         super().__init__(*args, **kwargs)
         _Tracked.live.append(self)
 
@@ -33,17 +76,6 @@ class _SubprocessShim:
 
     def __getattr__(self, name):
         return getattr(subprocess, name)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        proc.kill()
-    with contextlib.suppress(Exception):
-        proc.wait(timeout=5)
 
 
 @contextlib.contextmanager
@@ -58,7 +90,7 @@ def reaped() -> Iterator[None]:
         yield
     except BaseException:
         for proc in _Tracked.live[start:]:
-            _kill(proc)
+            kill_tree(proc)
         raise
     finally:
         seg.subprocess = saved

@@ -28,9 +28,15 @@ def list_cmd(
     rep = Reporter(quiet=False)
 
     def body() -> int:
-        rows = list_prompts_folder(prompts_dir, out_dir, model)
+        listing = list_prompts_folder(prompts_dir, out_dir, model)
+        rows = listing.tracks
         if as_json:
-            print_json({"tracks": [{**r.__dict__, "out_dir": str(r.out_dir) if r.out_dir else None} for r in rows]})
+            print_json({
+                "tracks": [{**r.__dict__, "out_dir": str(r.out_dir) if r.out_dir else None} for r in rows],
+                "leftovers": [{**x.__dict__, "path": str(x.path)} for x in listing.leftovers],
+            })  # fmt: skip
+        for x in listing.leftovers:
+            rep.warn(f"{x.path} was left by a killed run of {x.take} and cannot be removed ({x.reason}); delete it")
         if not rows:
             rep.info(f"{prompts_dir}/ has no .toml or .txt prompt files")
             return 0

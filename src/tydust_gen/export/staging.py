@@ -32,7 +32,29 @@ from tydust_gen.export.ffmpeg import Ffmpeg
 from tydust_gen.export.tags import TrackTags, write_tags
 from tydust_gen.export.verify import ExportedFile, check_promises, inspect_file
 
-STAGING_PREFIX = ".tydust-staging-"
+STAGING_PREFIX = ".tydust-staging-"  # then the take's name, "-", and tempfile's random letters (no "-")
+
+
+def staging_folders(out_dir: Path) -> list[tuple[Path, str]]:
+    """Every staging folder in ``out_dir`` with the take it was building, as ``(folder, take)``, sorted.
+
+    Whether one is stale is for the caller holding the track locks to decide
+    (``runs/locks.py``: a folder is stale when no live process holds the lock
+    of a track that could own its take). Links are never listed.
+    """
+    try:
+        entries = list(os.scandir(out_dir))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if not entry.name.startswith(STAGING_PREFIX):
+            continue
+        take, dash, _ = entry.name[len(STAGING_PREFIX) :].rpartition("-")
+        with contextlib.suppress(OSError):
+            if dash and take and entry.is_dir(follow_symlinks=False):
+                found.append((Path(entry.path), take))
+    return sorted(found)
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -99,6 +121,9 @@ class Staging:
 
     Use as a context manager: the folder (pydub's temporary WAV and encoder
     output, our encoded files, any extras) is removed on exit, success or not.
+    Only a SIGKILL (or a power cut) can leave it behind; callers hold the
+    track's lock while a Staging is open, so the next run that locks a track
+    in this folder recognises it as stale and removes it (``runs/locks.py``).
     :meth:`encode` may run several times (the mastering stage re-encodes until
     the decoded files meet the true-peak ceiling); :meth:`publish` verifies the
     staged files and moves them into place with ``os.replace``.

@@ -1,8 +1,13 @@
-"""``tydust-gen list``: each track in the prompts folder, its length, and whether its take is current."""
+"""``tydust-gen list``: each track in the prompts folder, its length, and whether its take is current.
+
+It also sweeps the output folders it looks at for staging folders that killed
+runs left (the rule is in ``runs/locks.py``) and reports those it could not
+remove, so they do not stay unnoticed forever.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,7 @@ from tydust_gen.base.settings import resolve_mastering, resolve_settings
 from tydust_gen.base.variations import variation_names
 from tydust_gen.export import staging as export
 from tydust_gen.runs import provenance
+from tydust_gen.runs.locks import Leftover, sweep_staging
 from tydust_gen.runs.pipeline import default_out_dir
 
 
@@ -58,13 +64,35 @@ def track_status(name: str, prompts_dir: Path, out_dir: Path | None, model: dict
     return TrackStatus(name, settings.duration_s, dest, "stale", why)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What ``tydust-gen list`` reports.
+
+    Attributes:
+        tracks: one row per prompt file, sorted by name.
+        leftovers: stale staging folders in those output folders that could not be removed.
+    """
+
+    tracks: list[TrackStatus]
+    leftovers: list[Leftover] = field(default_factory=list)
+
+
 def list_tracks(prompts_dir: Path, out_dir: Path | None, model: dict[str, Any] | None) -> list[TrackStatus]:
     """Status of every track that has a prompt file (sorted by name)."""
     return [track_status(n, prompts_dir, out_dir, model) for n in available_tracks(prompts_dir)]
 
 
-def list_prompts_folder(prompts_dir: Path, out_dir: Path | None, model_ref: str) -> list[TrackStatus]:
+def sweep_output_folders(rows: list[TrackStatus], out_dir: Path | None) -> list[Leftover]:
+    """Sweep stale staging folders in every output folder of ``rows`` (and ``out_dir``); what stays."""
+    folders = {r.out_dir for r in rows if r.out_dir is not None} | ({out_dir} if out_dir is not None else set())
+    return [left for folder in sorted(folders) for left in sweep_staging(folder)]
+
+
+def list_prompts_folder(prompts_dir: Path, out_dir: Path | None, model_ref: str) -> Listing:
     """``list``: every track of ``prompts_dir``, judged against ``model_ref`` when that model is available here.
+
+    The output folders are swept of stale staging folders on the way; the
+    ones that could not be removed are in :attr:`Listing.leftovers`.
 
     Raises:
         PromptError: ``prompts_dir`` is not a folder.
@@ -77,4 +105,5 @@ def list_prompts_folder(prompts_dir: Path, out_dir: Path | None, model_ref: str)
         identity: dict[str, Any] | None = provenance.model_identity(resolve_source(model_ref))
     except TydustError:
         identity = None  # model unavailable here: judge the takes by prompt, settings and files only
-    return list_tracks(prompts_dir, out_dir, identity)
+    rows = list_tracks(prompts_dir, out_dir, identity)
+    return Listing(rows, sweep_output_folders(rows, out_dir))
