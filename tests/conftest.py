@@ -37,6 +37,7 @@ def _hermetic(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the CPU kernel is built once per test session (here), never into the user's cache
     monkeypatch.setenv("TYDUST_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
+    monkeypatch.setenv("TYDUST_CACHE", str(tmp_path_factory.getbasetemp() / "tydust-cache"))  # model file hashes
     monkeypatch.delenv("TYDUST_CPU_KERNEL", raising=False)
     monkeypatch.delenv("TYDUST_FFMPEG", raising=False)
     monkeypatch.delenv("TYDUST_MODEL", raising=False)

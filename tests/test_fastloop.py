@@ -213,3 +213,34 @@ def test_static_step_math_matches_on_cpu(tiny):
         ]
     ours = torch.stack(steps, dim=1)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+
+
+def test_prepared_weights_never_outlive_their_model(tmp_path, monkeypatch):
+    """A new model that gets the id() of a freed one must not run on the freed model's prepared weights.
+
+    CPython reuses a freed object's address, so an ``id()``-keyed cache can hand model A's
+    weights to model B. The reuse is made certain here by giving every object the same id.
+    """
+    import gc
+    import weakref
+
+    from tydust_gen.model import fast
+
+    a_dir = save_tiny_model(tmp_path / "a", seed=0)
+    b_dir = save_tiny_model(tmp_path / "b", seed=1)
+    backend = FastBackend()
+    a = load_model(resolve_source(str(a_dir)), torch.device("cpu"))
+    monkeypatch.setattr(fast, "id", lambda obj: 1, raising=False)  # every model "reuses" A's id
+    backend.prepared(a)
+    a_alive = weakref.ref(a.model)
+    del a
+    gc.collect()
+    assert a_alive() is None  # the backend does not keep the model object alive
+    b = load_model(resolve_source(str(b_dir)), torch.device("cpu"))
+    cond = encode_text(b, PROMPTS, 3.0)
+    settings = GenerationSettings(duration_s=0.4, seed=3)
+    stock, _, _ = generate_codes(b, cond, settings, backend=StockBackend())
+    ours, _, _ = generate_codes(b, cond, settings, backend=backend)
+    assert torch.equal(ours, stock)
+    # and the same backend keeps its preparation while B lives
+    assert backend.prepared(b) is backend.prepared(b)

@@ -33,6 +33,7 @@ not implemented; :func:`check_supported` refuses configs that set them.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -154,7 +155,6 @@ class _Layer:
 class _Prepared:
     """Everything the loop needs from one model, in one mode."""
 
-    model_id: int
     embed: list  # K tensors [V+1, D]
     positions: Any  # [max_positions, D] sinusoidal table
     layers: list
@@ -240,7 +240,6 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
     return _Prepared(
         native=native,
         device=heads.device,
-        model_id=id(loaded.model),
         embed=[e.weight.detach() for e in dec.embed_tokens],
         positions=dec.embed_positions.weights.to(weight_dtype),
         layers=layers,
@@ -589,21 +588,26 @@ class FastBackend:
         self.native = native
         self.name = "fast-int8" if int8 else "fast"
         self._prep: _Prepared | None = None
+        # The model the prepared weights came from, held weakly: an id() could be reused
+        # by the next model once this one is freed, a dead weak reference matches nothing.
+        self._prep_model: weakref.ref | None = None
 
     def prepared(self, loaded: LoadedModel) -> _Prepared:
-        """The model's weights arranged for the loop; built on first use and kept for this model."""
+        """The model's weights arranged for the loop; built on first use and kept while this model lives."""
         weights = loaded.model.decoder.lm_heads[0].weight
         if (
             self._prep is None
-            or self._prep.model_id != id(loaded.model)
+            or self._prep_model is None
+            or self._prep_model() is not loaded.model
             or self._prep.dtype != weights.dtype
             or self._prep.device != weights.device
         ):
             if self.int8 and loaded.device.type != "cpu":
                 raise DeviceError("the int8 weight mode runs on the CPU only; use --backend fast on a GPU")
             check_supported(loaded)
-            self._prep = None  # drop the old weights before building new ones
+            self._prep = self._prep_model = None  # drop the old weights before building new ones
             self._prep = _prepare(loaded, self.int8, self.native)
+            self._prep_model = weakref.ref(loaded.model)
         return self._prep
 
     def _rows(self, cond: Conditioning, sampling: SamplingSettings) -> int:

@@ -8,6 +8,7 @@ track. fp16 on CUDA, fp32 on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -169,13 +170,40 @@ def quiet_transformers() -> None:
         pass
 
 
-def load_model(source: ModelSource, device, *, dtype=None) -> LoadedModel:
+@contextlib.contextmanager
+def hub_download_progress(show: bool):
+    """While the model loads: huggingface_hub's download bars on (``show``) or off; off afterwards.
+
+    The first run of a hub id downloads ~2.4 GB; with every bar silenced it looks
+    hung. The hub's bars are tqdm on stderr and hide themselves when stderr is not
+    a terminal; the caller decides whether anyone is watching (the CLI: a terminal
+    and no ``--quiet``). ``HF_HUB_DISABLE_PROGRESS_BARS`` set by the user wins.
+    """
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    except ImportError:  # pragma: no cover - transformers always brings it
+        yield
+        return
+    forced = constants.HF_HUB_DISABLE_PROGRESS_BARS  # True / False from the environment, None when unset
+    if show and forced is None:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if forced is None:
+            disable_progress_bars()
+
+
+def load_model(source: ModelSource, device, *, dtype=None, show_download_progress: bool = False) -> LoadedModel:
     """Load model and processor from ``source`` onto ``device``.
 
     Args:
         source: from :func:`resolve_source`.
         device: torch device from :func:`resolve_device`.
         dtype: weights dtype; default fp16 on CUDA and fp32 on the CPU.
+        show_download_progress: let huggingface_hub draw its download progress bars
+            on stderr while a hub id downloads (the core is silent otherwise).
 
     Raises:
         ModelError: the snapshot is missing, incomplete or not a MusicGen.
@@ -191,8 +219,9 @@ def load_model(source: ModelSource, device, *, dtype=None) -> LoadedModel:
     if source.hub_id is not None and offline_mode():
         kwargs["local_files_only"] = True
     try:
-        model = MusicgenForConditionalGeneration.from_pretrained(where, dtype=dtype, **kwargs)
-        processor = MusicgenProcessor.from_pretrained(where, **kwargs)
+        with hub_download_progress(show_download_progress):
+            model = MusicgenForConditionalGeneration.from_pretrained(where, dtype=dtype, **kwargs)
+            processor = MusicgenProcessor.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (

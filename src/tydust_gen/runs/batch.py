@@ -320,7 +320,9 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None) -> Bat
             listener.info(f"loading {request.model_ref} on {device.type}…")
             faults.hook("loading")
             t_load = time.perf_counter()
-            loaded = loading.load_model(source, device)
+            # The CLI's reporter is `interactive` on a terminal without --quiet: then the first
+            # run's ~2.4 GB download shows the hub's progress bars instead of looking hung.
+            loaded = loading.load_model(source, device, show_download_progress=getattr(listener, "interactive", False))
             load_s = time.perf_counter() - t_load
             check_prompt_lengths(loaded, plans)
             if loaded.device.type == "cpu" and any(p.settings.backend == "fast" for p in plans):

@@ -2,10 +2,10 @@
 
 The record holds the prompt text and the prompt file's sha256, every generation
 setting actually used (the seed included, also when it was picked at random),
-the model (hub id + snapshot commit from the Hugging Face cache, or a hash of a
-local snapshot folder, see :func:`model_identity`), device and dtype, package
-and ffmpeg versions, per-stage timings, and each output file's size, duration,
-bitrate and sha256.
+the model (hub id + snapshot commit from the Hugging Face cache, or a content
+hash of a local snapshot folder, see :func:`model_identity`), device and dtype,
+the CPU kernel and its compiler, package and ffmpeg versions, per-stage
+timings, and each output file's size, duration, bitrate and sha256.
 
 It is staged with the audio and moved into place *after* both audio files (see
 ``export.export_track(sidecar=...)``), so its presence marks a complete take;
@@ -21,7 +21,9 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 import re
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,13 @@ from tydust_gen.export.verify import sha256_file
 RECORD_FORMAT = "tydust-gen/provenance"
 RECORD_VERSION = 1
 RECORD_SUFFIX = ".json"
-SMALL_FILE_BYTES = 1 << 20  # files up to 1 MiB (configs, tokenizer) are hashed by content, larger ones by name + size
+CACHE_ENV = "TYDUST_CACHE"  # folder of tydust-gen's small caches (default ~/.cache/tydust-gen)
+HASH_CACHE_NAME = "model-file-hashes.json"  # sha256 of model files, by (resolved path, size, mtime_ns)
+HASH_CACHE_VERSION = 1
+HASH_CACHE_LOCK_TIMEOUT_S = 30  # seconds; past this the cache is simply not updated this run
 PACKAGES = ("tydust-gen", "torch", "torchaudio", "transformers", "pydub", "mutagen", "numpy", "scipy", "pyloudnorm", "imageio-ffmpeg")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def record_path(out_dir: Path, name: str) -> Path:
@@ -74,19 +80,119 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def dir_sha256(folder: Path) -> str:
-    """sha256 over a snapshot folder: every file's relative name and size, plus the content of files ≤ 1 MiB.
+def user_cache_dir() -> Path:
+    """tydust-gen's cache folder: ``$TYDUST_CACHE``, else ``$XDG_CACHE_HOME/tydust-gen``, else ``~/.cache/tydust-gen``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tydust-gen"
 
-    Configs and the tokenizer are hashed by content; multi-GB weights by name and
-    size only, so this takes milliseconds even for the real model.
+
+def _content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the one place model files are read; tests count the calls)."""
+    return sha256_file(path)
+
+
+class _HashCache:
+    """sha256 of files keyed by (resolved path, size, mtime_ns), kept in one JSON file.
+
+    Hashing the 2.4 GB of musicgen-small takes seconds; a re-run should not pay
+    that again for files that have not changed. A file rewritten with the same
+    size *and* the same mtime_ns is not noticed (the trust make and rsync place
+    in mtimes). A cache that cannot be read or written only costs speed: the
+    files are hashed again, nothing fails.
     """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = self._read()
+        self.new: dict[str, dict[str, Any]] = {}
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != HASH_CACHE_VERSION or not isinstance(data.get("files"), dict):
+            return {}
+        return data["files"]
+
+    def sha256(self, path: Path) -> str:
+        real = path.resolve()
+        st = real.stat()
+        key = str(real)
+        entry = self.entries.get(key)
+        if (
+            isinstance(entry, dict)
+            and entry.get("size") == st.st_size
+            and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256.fullmatch(entry["sha256"])
+        ):
+            return entry["sha256"]
+        digest = _content_sha256(real)
+        self.entries[key] = self.new[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        return digest
+
+    def save(self) -> None:
+        """Merge this run's new entries into the file under a lock; write it whole (temp file + rename)."""
+        if not self.new:
+            return
+        from filelock import FileLock, Timeout
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.path) + ".lock", timeout=HASH_CACHE_LOCK_TIMEOUT_S):
+                merged = {**self._read(), **self.new}
+                # Forget files that are gone, so the cache does not grow with every deleted model copy.
+                merged = {k: v for k, v in merged.items() if os.path.exists(k)}
+                body = json.dumps({"version": HASH_CACHE_VERSION, "files": merged}, indent=1, sort_keys=True)
+                fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".tmp", dir=self.path.parent)
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(body)
+                    os.replace(tmp, self.path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+        except (OSError, Timeout):
+            pass  # a read-only or busy cache folder: the next run hashes again
+        self.new = {}
+
+
+def _file_digest(path: Path, cache: _HashCache) -> str:
+    """The sha256 of one model file's content.
+
+    In the Hugging Face cache a snapshot's files are links into ``blobs/``, and an
+    LFS file's blob is named by the sha256 of its content (the hub's own content
+    address), so multi-GB weights cost no read. Small files stored in git are
+    named by their git sha1 instead, and plain folders have no names to trust:
+    those are hashed (through ``cache``).
+    """
+    real = path.resolve()
+    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
+        return real.name
+    return cache.sha256(path)
+
+
+def dir_sha256(folder: Path) -> str:
+    """sha256 over a snapshot folder: every file's relative name, size and content sha256.
+
+    Hidden files and folders (``.cache/`` of ``hf download --local-dir``, lock
+    files) are left out: loading never reads them and they change on their own.
+    Content hashes come from the HF cache's blob names where the folder is a
+    cache snapshot, else from :class:`_HashCache` (``$TYDUST_CACHE``), so only
+    new or changed files are read.
+    """
+    cache = _HashCache(user_cache_dir() / HASH_CACHE_NAME)
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        size = path.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        if size <= SMALL_FILE_BYTES:
-            h.update(path.read_bytes())
+    try:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            h.update(f"{rel.as_posix()}\0{path.stat().st_size}\0{_file_digest(path, cache)}\0".encode())
+    finally:
+        cache.save()
     return h.hexdigest()
 
 
@@ -103,8 +209,10 @@ def cached_snapshot(hub_id: str) -> Path | None:
 def model_identity(source) -> dict[str, Any]:
     """What pins the weights: ``{"ref", "hub_id", "revision", "local_dir", "dir_sha256"}``.
 
-    Hub ids: the snapshot commit hash from the cache path. Local folders: a
-    :func:`dir_sha256`, and the commit when the folder is itself a cache snapshot.
+    Hub ids: the snapshot commit hash from the cache path (a hub commit pins every
+    file's content). Local folders: :func:`dir_sha256` of the files' content, so a
+    fine-tune with the same file names and shapes is another model; and the
+    commit when the folder is itself a cache snapshot.
     """
     ident: dict[str, Any] = {"ref": source.ref, "hub_id": source.hub_id, "revision": None, "local_dir": None, "dir_sha256": None}
     folder = source.local_dir
@@ -120,8 +228,27 @@ def model_identity(source) -> dict[str, Any]:
     return ident
 
 
+def with_revision(model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` with the hub snapshot's commit filled in when it was not cached yet.
+
+    A run's identity is taken before the model loads; on the first run of a hub
+    id the snapshot is only downloaded by the load, so its commit is looked up
+    again for the record.
+    """
+    if model.get("hub_id") and model.get("revision") is None:
+        folder = cached_snapshot(model["hub_id"])
+        if folder is not None and _COMMIT.fullmatch(folder.name):
+            return {**model, "revision": folder.name}
+    return model
+
+
 def same_model(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Same weights: equal folder hashes, or the same hub id with no conflicting commit."""
+    """Same weights: equal folder content hashes, or the same hub id with no conflicting commit.
+
+    Records written before folder hashes covered the weights' content (when they
+    hashed names and sizes) never match a current hash: such a take cannot be
+    shown to come from these weights.
+    """
     if recorded.get("dir_sha256") or current.get("dir_sha256"):
         return recorded.get("dir_sha256") == current.get("dir_sha256")
     if recorded.get("hub_id") != current.get("hub_id"):
@@ -163,7 +290,7 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "settings": to_jsonable(result.settings if result.settings is not None else plan.settings),
         "mastering": to_jsonable(plan.mastering),
         "seed_was_random": plan.seed_was_random,
-        "model": model,
+        "model": with_revision(model),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
         # CPU matmul of the fast decode step: "native" (tydust_gen.model.cpu_kernel) or "mkl"; None when unused.
