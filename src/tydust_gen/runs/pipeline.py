@@ -24,6 +24,7 @@ from tydust_gen.base.errors import SettingsError, UsageError
 from tydust_gen.base.prompts import TrackSpec, load_track
 from tydust_gen.base.settings import (
     MAX_SEED,
+    beats_per_bar,
     GenerationSettings,
     MasteringSettings,
     resolve_mastering,
@@ -201,7 +202,8 @@ def render_takes(
     """Generate all takes of a planned track in one batch, then master and export each.
 
     Stages: text encoding and windowed generation (all takes at once) →
-    EnCodec decode → 44.1 kHz stereo → DC removal → loop folding or fades →
+    EnCodec decode → 44.1 kHz stereo → DC removal → loop folding (on the bar
+    when the beat is clear, :func:`tydust_gen.audio.loop.loop_take`) or fades →
     loudness/true-peak mastering checked on the encoded files → verified MP3 +
     OGG (+ loop tags, + preview) moved into place.
 
@@ -218,7 +220,11 @@ def render_takes(
     m = plan.mastering
     announce = stage or (lambda name: None)
     announce("generating")
-    gen_duration = plan.settings.duration_s + (loop_stage.DEFAULT_LOOP_OVERRUN_S if m.loop else 0.0)
+    gen_duration = plan.settings.duration_s
+    if m.loop:  # room for a loop on the bar before the tempo is known (loop_stage.loop_source_length_s)
+        gen_duration = loop_stage.loop_source_length_s(
+            plan.settings.duration_s, bars=m.bars, beats_per_bar=beats_per_bar(m.meter), bpm_prior=plan.spec.bpm
+        )
     gen_settings = replace(plan.settings, duration_s=gen_duration)
     t0 = time.perf_counter()
     prompts = [plan.spec.prompt] * len(plan.takes)
@@ -249,15 +255,12 @@ def render_takes(
         x = master_stage.remove_dc(raw, sr)
         loop_info = None
         if m.loop:
-            n = loop_stage.loop_length_samples(plan.settings.duration_s, sr)
-            folded = loop_stage.make_loop(x, sr, n)
-            # The same audio cut hard at N, for comparison: what the loop folding saves.
-            naive = loop_stage.seam_metric(loop_stage.naive_loop(x, n), sr)
-            x = folded.samples
-            loop_info = {"loop_start": int(folded.loop_start), "loop_length": int(folded.loop_length),
-                         "source_offset": int(folded.source_offset), "crossfade_samples": int(folded.crossfade_samples),
-                         "correlation": _num(folded.correlation)}  # fmt: skip
-            loop_info.update({f"naive_cut_{k}": _num(v) for k, v in naive.__dict__.items()})
+            # Beat grid, then a loop of whole bars cut on the downbeat; no clear beat: a loop of the duration.
+            looped = loop_stage.loop_take(
+                x, sr, duration_s=plan.settings.duration_s, bars=m.bars, meter=m.meter, bpm_prior=plan.spec.bpm
+            )
+            x = looped.loop.samples
+            loop_info = looped.info
         elif m.fade_in_s or m.fade_out_s:
             x = master_stage.apply_fades(x, sr, fade_in_s=m.fade_in_s, fade_out_s=m.fade_out_s)
         tb = time.perf_counter()
@@ -266,7 +269,7 @@ def render_takes(
             title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
             genre=plan.spec.genre,
             comment=comment_for(plan, loaded.source.ref, take=index),
-            bpm=plan.spec.bpm,
+            bpm=plan.spec.bpm if plan.spec.bpm is not None else (loop_info or {}).get("bpm"),
         )
         batch = len(plan.takes) > 1
         result = TrackResult(
@@ -290,7 +293,7 @@ def render_takes(
                 )
                 if m.loop:
                     write_loop_tags(staging.staged("ogg"), loop_info["loop_start"], loop_info["loop_length"])
-                    seam = loop_stage.seam_metric(mastered.master.samples, sr)
+                    seam = loop_stage.seam_metric(mastered.master.samples, sr, **looped.seam_options)
                     loop_info.update({f"seam_{k}": _num(v) for k, v in seam.__dict__.items()})
                 if m.preview:
                     from tydust_gen.audio.preview import render_preview
@@ -313,7 +316,8 @@ def render_takes(
                         finish_timings()
                         return provenance.sidecar_for(plan, result, loaded=loaded, ffmpeg=ffmpeg, model=record_model)(files)
 
-                result.files = staging.publish(plan.settings.duration_s, overwrite=overwrite, sidecar=sidecar)
+                # a loop on the bar is a whole number of bars long, not --duration
+                result.files = staging.publish(x.shape[1] / sr, overwrite=overwrite, sidecar=sidecar)
                 finish_timings()
         except FileExistsError as exc:
             raise UsageError(f"{exc.args[0]} appeared while generating; pass --force to replace it") from None
