@@ -344,7 +344,7 @@ def _track(env: np.ndarray, tempo: float) -> _Track | None:
     import librosa
 
     frame_rate = ANALYSIS_RATE / ANALYSIS_HOP
-    _, frames = librosa.beat.beat_track(onset_envelope=env, sr=ANALYSIS_RATE, hop_length=ANALYSIS_HOP, bpm=tempo, trim=False)
+    _, frames = librosa.beat.beat_track(onset_envelope=env, sr=ANALYSIS_RATE, hop_length=ANALYSIS_HOP, bpm=tempo, trim=True)
     frames = frames[(frames >= 0) & (frames < env.size)]
     if frames.size < 2:
         return None

@@ -487,8 +487,9 @@ def loop_take(
     ``source_offset``, ``crossfade_samples``, ``crossfade_beats``, ``correlation``,
     ``bars``, ``meter``, ``beats_per_bar``, ``beat_clear``, ``bpm`` (fitted),
     ``loop_bpm`` (the tempo at which the loop is exactly ``bars`` bars),
-    ``bpm_prior``, ``tempo_confidence``, ``beat_residual_ms``, and ``beats`` /
-    ``downbeats`` (sample positions inside the loop, at ``sample_rate``), plus
+    ``bpm_prior``, ``tempo_confidence``, ``beat_residual_ms``, ``beats`` (the
+    tracked beats inside the loop) and ``downbeats`` (the loop's bar lines:
+    ``k * loop_length / bars``), as sample positions in the loop at ``sample_rate``; plus
     ``naive_cut_*``: the seam figures of a hard cut of the same length at the
     take's start, for comparison.
 
@@ -510,10 +511,9 @@ def loop_take(
         assert loop.bars is not None and grid.period is not None
         start, n = loop.source_offset, loop.loop_length
         beats = [b - start for b in grid.beats if start <= b < start + n]
-        downbeats = [int(round(d)) - start for d in grid.downbeats(start - grid.period / 2, start + n - grid.period / 2)]
         info.update(mode="bars", bpm=_round(grid.bpm, 3), loop_bpm=_round(60.0 * loop.bars * bpb * sample_rate / n, 3),
                     bars=loop.bars, beat_residual_ms=_round(grid.residual_ms, 2), beats=beats,
-                    downbeats=[max(d, 0) for d in downbeats],
+                    downbeats=[int(round(k * n / loop.bars)) for k in range(loop.bars)],
                     note=f"{loop.bars} bar{'s' if loop.bars > 1 else ''} of {meter} at {grid.bpm:.1f} bpm, "
                          f"cut on the downbeat")  # fmt: skip
         seam_options = {"beat_period_s": n / (loop.bars * bpb) / sample_rate, "beats_per_bar": bpb}
