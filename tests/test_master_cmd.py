@@ -244,3 +244,23 @@ def test_generate_loop_on_the_bar_when_the_music_has_a_beat(workdir, run_cli, mo
 
     assert ID3(workdir / "out/game_over.mp3")["TBPM"].text == ["123"]  # game_over.txt gives no bpm
     assert "loop: 5 bars of 4/4 at 123.0 bpm" in result.stderr
+
+
+@pytest.mark.parametrize("seconds", [3.0, 3.5, 4.0, 4.5, 5.0, 5.3])
+def test_beat_phase_of_plain_loops_of_recorded_music_is_what_their_length_predicts(house_lo, seconds):
+    """Today's loops of the house loop: the seam's beat phase is the loop's length modulo the beat, to 5 ms."""
+    from tydust_gen.audio.beats import detect_beats
+    from tydust_gen.export.ffmpeg import find_ffmpeg
+    from tydust_gen.runs.mastering import _to_44k1, read_audio
+
+    samples, rate = read_audio(find_ffmpeg(), house_lo)
+    x = master_stage.remove_dc(_to_44k1(samples, rate), 44_100)
+    grid = detect_beats(x, 44_100)
+    period_ms = 60_000.0 / grid.bpm
+    loop = loop_stage.make_loop(x, 44_100, int(round(seconds * 44_100)))
+    report = loop_stage.seam_metric(loop.samples, 44_100, beat_period_s=period_ms / 1000)
+    beats = seconds * 1000 / period_ms
+    expected = ((beats + 0.5) % 1.0 - 0.5) * period_ms
+    assert report.beat_judged and abs(report.beat_phase_ms - expected) <= 5.0, (report.beat_phase_ms, expected)
+    assert report.passed == (abs(expected) <= loop_stage.SEAM_BEAT_TOLERANCE_MS and report.step_score <= report.step_threshold
+                             and report.flux <= report.flux_threshold)  # fmt: skip

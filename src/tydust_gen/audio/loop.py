@@ -80,7 +80,7 @@ SEAM_BEAT_WINDOW_BEATS = 4  # beats each side of the wrap whose grids are compar
 SEAM_BEAT_TOLERANCE_MS = 20.0  # ms; a beat displaced by more across the wrap is heard as a stumble
 
 
-SEAM_BEAT_OVERLAP_BEATS = 0.05  # of a beat; how far the two windows may overlap in a short loop
+SEAM_BEAT_LENGTH_TOLERANCE = 0.05  # of a beat; a loop this much short of a whole bar still holds the bar
 
 
 SEAM_BEAT_CONTEXT_S = 0.1  # s; audio beyond each window so the onset frames at its edges see real audio
@@ -602,10 +602,20 @@ def beat_phase_jump(
     (:func:`tydust_gen.audio.beats.pattern_shift`): 0 when the groove runs on,
     half a beat when the wrap drops or adds half a beat.
 
+    Windows are rounded up to whole bars (of ``beats_per_bar``), so both hold
+    the same beats of the bar: a pattern that differs from beat to beat (a
+    syncopated figure repeating every two beats, a kick on 1 and a snare on 2
+    peaking at different delays) would otherwise look shifted in seamless
+    music (measured on a recorded house loop: windows of two or three beats
+    were sometimes half a beat out, windows of a bar were not). In a loop
+    shorter than two windows the windows overlap: they are two views of the
+    looped signal on one time axis through the wrap, so the jump is still
+    measured. A loop shorter than one bar is not judged.
+
     Returns:
         ``(jump_ms, coherence_before, coherence_after)``: the shift of the grid
         after the wrap relative to the grid before it, ms, in ``[-T/2, T/2)``
-        (None when the loop is shorter than two bars); and how
+        (None when the loop is shorter than a bar); and how
         clearly each side shows a beat of that period (variance share on the
         beat, 0..1, as :func:`tydust_gen.audio.beats.beat_periodicity`).
     """
@@ -614,9 +624,8 @@ def beat_phase_jump(
     period = beat_period_s * sample_rate
     bar_beats = max(int(beats_per_bar), 1)
     beats = math.ceil(window_beats / bar_beats) * bar_beats
-    # whole bars each side without the windows overlapping (a hair of overlap allowed: a two-bar
-    # loop refined a few ms short must still get a whole bar each side)
-    room = math.floor(n / 2 / period + SEAM_BEAT_OVERLAP_BEATS)
+    # whole bars each side, as many as the loop holds (one refined a few ms short of its bars still counts them)
+    room = math.floor(n / period + SEAM_BEAT_LENGTH_TOLERANCE)
     beats = min(beats, room // bar_beats * bar_beats)
     if beats < 1:
         return None, 0.0, 0.0
@@ -660,7 +669,7 @@ def seam_metric(
 
     And one against an absolute tolerance: the beat phase across the wrap
     (:func:`beat_phase_jump`), judged when both sides have a clear beat and the
-    loop holds at least two bars. A loop
+    loop holds at least one bar. A loop
     half a beat too long or too short is smooth sample-wise and spectrally, yet
     the groove stumbles at every repeat; only this measure sees it.
 
