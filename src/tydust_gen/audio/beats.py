@@ -13,9 +13,10 @@ grid to what it finds:
   tempo is not limited to the autocorrelation's lag grid (a few % at these
   frame rates) but fitted over every beat. Beats more than a quarter beat off
   the line are dropped and the line refitted.
-* **Latency.** Spectral flux peaks a little after an attack starts; the grid is
-  moved earlier by :data:`BEAT_LATENCY_S` (measured on synthetic drums), so a
-  loop that starts on a downbeat starts before its attack, not in it.
+* **Latency.** Spectral flux peaks a little after an attack starts (about
+  14 ms here, measured on synthetic drums); the grid is moved earlier by
+  :data:`BEAT_LATENCY_S`, a few ms more than that, so a loop that starts on a
+  downbeat starts just before its attack, never in it.
 * **Downbeats.** The tracker gives beats, not bars. Of the ``beats_per_bar``
   possible bar phases, the downbeat is chosen from three figures per bar
   position, each averaged over the bars and divided by its mean over the
@@ -63,7 +64,7 @@ PRIOR_SPREAD_GIVEN = 0.5  # octaves; std of the tempo prior around a bpm the pro
 PRIOR_SPREAD_NONE = 1.0  # octaves; std of the tempo prior around the default
 MIN_BPM = 40.0  # bpm; slower "beats" are phrases, not a pulse to loop on
 MAX_BPM = 240.0  # bpm
-BEAT_LATENCY_S = 0.017  # s; onset-envelope peaks trail the attack by this (measured, synthetic kick/snare)
+BEAT_LATENCY_S = 0.017  # s; onset peaks trail the attack by ~14 ms (measured, synthetic drums), +3 ms: start before it
 PEAK_SEARCH_FRAMES = 2  # frames each side of a tracked beat searched for its onset peak
 OUTLIER_BEAT_FRACTION = 0.25  # of a beat; tracked beats farther off the fitted line are dropped
 LOW_BAND_HZ = 150.0  # Hz; kick drum and bass fundamentals, the downbeat cue
