@@ -265,3 +265,20 @@ def test_bar_loop_of_a_repeating_groove_does_not_swell_in_the_crossfade():
     bar = loop.loop_length // take.info["bars"]
     rms = lambda a: float(np.sqrt(np.mean(a**2)))  # noqa: E731
     assert abs(20 * np.log10(rms(loop.samples[:, :fade]) / rms(loop.samples[:, bar : bar + fade]))) < 0.5
+
+
+def test_prompt_file_bars_and_meter(tmp_path):
+    from tydust_gen.base.prompts import load_track
+    from tydust_gen.base.settings import resolve_mastering
+
+    (tmp_path / "waltz.toml").write_text('prompt = "a waltz"\nbpm = 90\nloop = true\nbars = 8\nmeter = "3/4"\n')
+    spec = load_track("waltz", tmp_path)
+    m = resolve_mastering({}, spec.settings, 30.0)
+    assert (m.loop, m.bars, m.meter, spec.bpm) == (True, 8, "3/4", 90.0)
+    assert resolve_mastering({"bars": "4", "meter": "6/8"}, spec.settings, 30.0).bars == 4  # the CLI wins
+    (tmp_path / "nope.toml").write_text('prompt = "x"\nbars = 8\n')
+    with pytest.raises(SettingsError, match="add --loop"):
+        resolve_mastering({}, load_track("nope", tmp_path).settings, 30.0)
+    (tmp_path / "odd.toml").write_text('prompt = "x"\nmeter = "4/5"\n')
+    with pytest.raises(SettingsError, match=r"odd.toml: meter '4/5'"):
+        load_track("odd", tmp_path)
