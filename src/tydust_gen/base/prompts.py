@@ -9,7 +9,7 @@ A track ``NAME`` is ``<prompts dir>/NAME.toml`` or ``<prompts dir>/NAME.txt``.
       title = "Phase 4 - Peak"      # tag; default: the track name
       genre = "darkwave"            # tag, and the output sub-folder assets/music/<genre>/
       folder = "boss"               # output sub-folder instead of the genre
-      bpm = 124                     # tag only (MusicGen does not take a tempo)
+      bpm = 124                     # tag, and the prior of the loop's tempo detection
       duration = 90                 # seconds
       seed = 1234
       temperature = 1.0
@@ -23,7 +23,9 @@ A track ``NAME`` is ``<prompts dir>/NAME.toml`` or ``<prompts dir>/NAME.txt``.
       true_peak = -1.0              # dBTP ceiling on the encoded files
       fade_in = 0.0                 # seconds, equal-power
       fade_out = 2.0                # seconds, equal-power
-      loop = false                  # seamless loop with LOOPSTART/LOOPLENGTH tags
+      loop = false                  # seamless loop with LOOPSTART/LOOPLENGTH tags, cut on the bar
+      bars = 8                      # loop length in bars (default: the whole bars nearest duration)
+      meter = "4/4"                 # time signature the bars are counted in
       variations = 1                # takes in one batched generation
       preview = false               # also write NAME.png
 

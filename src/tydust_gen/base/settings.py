@@ -246,6 +246,12 @@ DEFAULT_LOUDNESS_LUFS = -14.0  # LUFS integrated (BS.1770); None turns normalisa
 DEFAULT_TRUE_PEAK_DBTP = -1.0  # dBTP, measured on the decoded MP3 and OGG
 MIN_LOUDNESS_LUFS = -70.0  # LUFS; quieter targets are silence for all practical purposes
 MAX_VARIATIONS = 99  # takes per track in one command
+MAX_BARS = 256  # bars in one loop (8 minutes at 128 bpm)
+DEFAULT_METER = "4/4"
+METER_UNITS = (2, 4, 8, 16)  # note values a meter's beat may have
+MAX_METER_BEATS = 16  # numerator of the longest meter accepted (e.g. 15/8)
+MIN_BPM = 1.0  # the prompt file's bpm range, also for --bpm
+MAX_BPM = 999.0
 _OFF_WORDS = {"off", "none", "no", "false"}
 
 
@@ -259,9 +265,12 @@ class MasteringSettings:
         true_peak_dbtp: ceiling for the true peak of the *encoded* files, dBTP.
         fade_in_s: equal-power fade-in length, seconds (0 = none).
         fade_out_s: equal-power fade-out length, seconds (0 = none).
-        loop: make a seamless loop of exactly the duration (no fades allowed).
+        loop: make a seamless loop (no fades allowed): a whole number of bars
+            near the duration when the music has a clear beat, else exactly the duration.
         variations: takes generated in one batch (1 = a single take).
         preview: also write ``NAME.png`` (waveform + spectrogram).
+        bars: exact number of bars in the loop (None: the whole number nearest the duration).
+        meter: time signature, ``"4/4"``; :func:`beats_per_bar` gives the beats a bar holds.
     """
 
     loudness_lufs: float | None = DEFAULT_LOUDNESS_LUFS
@@ -271,6 +280,8 @@ class MasteringSettings:
     loop: bool = False
     variations: int = 1
     preview: bool = False
+    bars: int | None = None
+    meter: str = DEFAULT_METER
 
 
 def parse_loudness(value: Any) -> float | None:
@@ -306,6 +317,48 @@ def parse_variations(value: Any) -> int:
     return n
 
 
+def parse_bars(value: Any) -> int:
+    n = _parse_int("bars", value, "--bars")
+    if not 1 <= n <= MAX_BARS:
+        raise SettingsError(f"bars must be between 1 and {MAX_BARS}, got {value!r}; e.g. --bars 8")
+    return n
+
+
+def parse_meter(value: Any) -> str:
+    """A time signature ``"N/D"`` (e.g. ``4/4``, ``3/4``, ``6/8``), normalised; raises SettingsError otherwise."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    top, slash, bottom = text.partition("/")
+    if not (slash and top.strip().isdigit() and bottom.strip().isdigit()):
+        raise SettingsError(f"meter must be a time signature like 4/4, 3/4 or 6/8, got {value!r}")
+    beats, unit = int(top), int(bottom)
+    if not 1 <= beats <= MAX_METER_BEATS or unit not in METER_UNITS:
+        raise SettingsError(
+            f"meter {value!r} is not one we can loop: use 1 to {MAX_METER_BEATS} beats of a "
+            f"{', '.join(map(str, METER_UNITS))} note, e.g. 4/4"
+        )
+    return f"{beats}/{unit}"
+
+
+def beats_per_bar(meter: str) -> int:
+    """Beats a beat tracker counts in one bar of ``meter``.
+
+    Simple meters count their numerator (4/4: 4, 3/4: 3, 7/8: 7); compound
+    meters in eighths or sixteenths (6/8, 9/8, 12/8, 12/16) are felt in dotted
+    beats, three of the written notes each (6/8: 2, 12/8: 4).
+    """
+    beats, unit = (int(v) for v in parse_meter(meter).split("/"))
+    if unit >= 8 and beats % 3 == 0 and beats > 3:
+        return beats // 3
+    return beats
+
+
+def parse_bpm(value: Any) -> float:
+    bpm = _parse_float("bpm", value, "--bpm")
+    if not MIN_BPM <= bpm <= MAX_BPM:
+        raise SettingsError(f"bpm must be between {MIN_BPM:g} and {MAX_BPM:g}, got {value!r}; e.g. --bpm 120")
+    return bpm
+
+
 #: Mastering keys a prompt file may carry (same names as the CLI flags, with underscores).
 MASTERING_PARSERS = {
     "loudness": parse_loudness,
@@ -315,6 +368,8 @@ MASTERING_PARSERS = {
     "loop": parse_bool("loop"),
     "variations": parse_variations,
     "preview": parse_bool("preview"),
+    "bars": parse_bars,
+    "meter": parse_meter,
 }
 
 
@@ -329,7 +384,11 @@ def resolve_mastering(cli: Mapping[str, Any], prompt_file: Mapping[str, Any], du
         loop=merged.get("loop", False),
         variations=merged.get("variations", 1),
         preview=merged.get("preview", False),
+        bars=merged.get("bars"),
+        meter=merged.get("meter", DEFAULT_METER),
     )
+    if m.bars is not None and not m.loop:
+        raise SettingsError("bars sets the length of a loop; add --loop (or loop = true in the prompt file), or drop --bars")
     if m.loop and (m.fade_in_s or m.fade_out_s):
         raise SettingsError("a loop cannot fade in or out (the fade would be heard at every repeat); drop --fade-in/--fade-out or --loop")
     if m.fade_in_s + m.fade_out_s > duration_s:

@@ -73,8 +73,10 @@ def generate_cmd(
     fade_in: Optional[str] = typer.Option(None, "--fade-in", metavar=FLOAT, help="Equal-power fade-in, seconds (default 0)."),
     fade_out: Optional[str] = typer.Option(None, "--fade-out", metavar=FLOAT, help="Equal-power fade-out, seconds (default 0)."),
     loop: bool = typer.Option(
-        False, "--loop", help="Seamless loop of exactly --duration; LOOPSTART/LOOPLENGTH tags in the OGG. No fades."
+        False, "--loop", help="Seamless loop, the whole bars nearest --duration cut on the downbeat (exactly --duration when the music has no clear beat); LOOPSTART/LOOPLENGTH tags in the OGG. No fades."
     ),
+    bars: Optional[str] = typer.Option(None, "--bars", metavar=INTEGER, help="With --loop: exactly this many bars (tempo detected; the prompt file's bpm helps)."),
+    meter: Optional[str] = typer.Option(None, "--meter", metavar="N/D", help="Time signature the bars are counted in (default: prompt file, else 4/4)."),
     variations: Optional[str] = typer.Option(
         None, "--variations", "-n", metavar=INTEGER, help="Takes generated in one batch, written as TRACK_v1, TRACK_v2... (default 1)."
     ),
@@ -104,6 +106,8 @@ def generate_cmd(
             "fade_in": fade_in,
             "fade_out": fade_out,
             "loop": True if loop else None,
+            "bars": bars,
+            "meter": meter,
             "variations": variations,
             "preview": True if preview else None,
         },

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tydust_gen.audio.loop import loop_summary
 from tydust_gen.base.errors import EXIT_SIGINT, EXIT_SIGTERM, TydustError
 from tydust_gen.runs.batch import RunListener
 from tydust_gen.runs.pipeline import TrackResult
@@ -149,8 +150,7 @@ def summary(rep: Reporter, results: list[TrackResult], total_s: float) -> None:
             peaks = ", ".join(f"{k} {v} dBTP" for k, v in r.loudness["encoded_true_peak_dbtp"].items())
             rep.info(f"  loudness {r.loudness['output_lufs']} LUFS, true peak {peaks}")
         if r.loop:
-            verdict = "seamless" if r.loop.get("seam_passed") else "audible seam"
-            rep.info(f"  loop: LOOPSTART={r.loop['loop_start']} LOOPLENGTH={r.loop['loop_length']} ({verdict})")
+            rep.info(f"  {loop_summary(r.loop)}")
         if r.preview:
             rep.info(f"  {r.preview}")
         for f in r.files:

@@ -27,6 +27,7 @@ from tydust_gen.base.errors import SettingsError, UsageError
 from tydust_gen.base.prompts import TrackSpec, load_track
 from tydust_gen.base.settings import (
     MAX_SEED,
+    beats_per_bar,
     GenerationSettings,
     MasteringSettings,
     resolve_mastering,
@@ -230,7 +231,8 @@ def render_takes(
     """Generate all takes of a planned track in one batch, then master and export each.
 
     Stages: text encoding and windowed generation (all takes at once) →
-    EnCodec decode → 44.1 kHz stereo → DC removal → loop folding or fades →
+    EnCodec decode → 44.1 kHz stereo → DC removal → loop folding (on the bar
+    when the beat is clear, :func:`tydust_gen.audio.loop.loop_take`) or fades →
     loudness/true-peak mastering checked on the encoded files → verified MP3 +
     OGG (+ loop tags, + preview) moved into place.
 
@@ -247,7 +249,11 @@ def render_takes(
     m = plan.mastering
     announce = stage or (lambda name: None)
     announce("generating")
-    gen_duration = plan.settings.duration_s + (loop_stage.DEFAULT_LOOP_OVERRUN_S if m.loop else 0.0)
+    gen_duration = plan.settings.duration_s
+    if m.loop:  # room for a loop on the bar before the tempo is known (loop_stage.loop_source_length_s)
+        gen_duration = loop_stage.loop_source_length_s(
+            plan.settings.duration_s, bars=m.bars, beats_per_bar=beats_per_bar(m.meter), bpm_prior=plan.spec.bpm
+        )
     gen_settings = replace(plan.settings, duration_s=gen_duration)
     t0 = time.perf_counter()
     prompts = [plan.spec.prompt] * len(plan.takes)
@@ -270,7 +276,9 @@ def render_takes(
     for index, (take, wave) in enumerate(zip(plan.takes, waves), start=1):
         ta = time.perf_counter()
         announce("mastering" if len(plan.takes) == 1 else f"mastering take {index}")
-        prepared = prepare_take_audio(wave, generated_s=gen_duration, duration_s=plan.settings.duration_s, mastering=m)
+        prepared = prepare_take_audio(
+            wave, generated_s=gen_duration, duration_s=plan.settings.duration_s, mastering=m, bpm_prior=plan.spec.bpm
+        )
         sr, dc_offset, loop_info = prepared.sample_rate, prepared.dc_offset, prepared.loop
         tb = time.perf_counter()
         announce("encoding" if len(plan.takes) == 1 else f"encoding take {index}")
@@ -278,7 +286,7 @@ def render_takes(
             title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
             genre=plan.spec.genre,
             comment=comment_for(plan, model_tag_id(loaded.source), take=index),
-            bpm=plan.spec.bpm,
+            bpm=plan.spec.bpm if plan.spec.bpm is not None else (loop_info or {}).get("bpm"),
         )
         batch = len(plan.takes) > 1
         result = TrackResult(
@@ -300,7 +308,7 @@ def render_takes(
                 mastered = master_take(prepared, m, encode)
                 if m.loop:
                     write_loop_tags(staging.staged("ogg"), loop_info["loop_start"], loop_info["loop_length"])
-                    seam = loop_stage.seam_metric(mastered.master.samples, sr)
+                    seam = loop_stage.seam_metric(mastered.master.samples, sr, **prepared.seam_options)
                     loop_info.update({f"seam_{k}": _num(v) for k, v in seam.__dict__.items()})
                 if m.preview:
                     from tydust_gen.audio.preview import render_preview
@@ -323,7 +331,8 @@ def render_takes(
                         finish_timings()
                         return provenance.sidecar_for(plan, result, loaded=loaded, ffmpeg=ffmpeg, model=record_model)(files)
 
-                result.files = staging.publish(plan.settings.duration_s, overwrite=overwrite, sidecar=sidecar)
+                # a loop on the bar is a whole number of bars long, not --duration
+                result.files = staging.publish(prepared.samples.shape[1] / sr, overwrite=overwrite, sidecar=sidecar)
                 finish_timings()
         except FileExistsError as exc:
             raise UsageError(f"{exc.args[0]} appeared while generating; pass --force to replace it") from None
@@ -340,23 +349,28 @@ class TakeAudio:
         samples: float32 ``[2, N]`` at ``sample_rate``: DC removed, then looped or faded.
         sample_rate: Hz (44.1 kHz).
         dc_offset: each channel's mean before DC removal (JSON numbers).
-        loop: loop points and seam figures of the hard cut, in loop mode; else None.
+        loop: loop points, beat grid and the seam figures of a hard cut, in loop mode; else None.
+        seam_options: keyword arguments for :func:`tydust_gen.audio.loop.seam_metric` of this loop (beat period, meter).
     """
 
     samples: np.ndarray
     sample_rate: int
     dc_offset: list[Any]
     loop: dict[str, Any] | None
+    seam_options: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_take_audio(wave: Waveform, *, generated_s: float, duration_s: float, mastering: MasteringSettings) -> TakeAudio:
-    """The model's output (32 kHz) → 44.1 kHz stereo → DC removal → loop folding or fades.
+def prepare_take_audio(
+    wave: Waveform, *, generated_s: float, duration_s: float, mastering: MasteringSettings, bpm_prior: float | None = None
+) -> TakeAudio:
+    """The model's output (32 kHz) → 44.1 kHz stereo → DC removal → loop on the bar, or fades.
 
     Args:
         wave: one take as decoded by EnCodec, ``[1, N]`` at the model's rate.
         generated_s: seconds generated (the track plus the loop overrun in loop mode).
         duration_s: the track's length, seconds (the loop length in loop mode).
-        mastering: fades and loop mode.
+        mastering: fades, loop mode, bars and meter.
+        bpm_prior: the prompt file's ``bpm``, the centre of the loop's tempo search.
     """
     m = mastering
     stereo = audio.to_44k1_stereo(wave, generated_s)
@@ -366,20 +380,13 @@ def prepare_take_audio(wave: Waveform, *, generated_s: float, duration_s: float,
     # DC goes here, once, before loop folding and fades: fading an offset makes a thump.
     # master_take tells the mastering stage not to run the high-pass a second time.
     x = master_stage.remove_dc(raw, sr)
-    loop_info = None
     if m.loop:
-        n = loop_stage.loop_length_samples(duration_s, sr)
-        folded = loop_stage.make_loop(x, sr, n)
-        # The same audio cut hard at N, for comparison: what the loop folding saves.
-        naive = loop_stage.seam_metric(loop_stage.naive_loop(x, n), sr)
-        x = folded.samples
-        loop_info = {"loop_start": int(folded.loop_start), "loop_length": int(folded.loop_length),
-                     "source_offset": int(folded.source_offset), "crossfade_samples": int(folded.crossfade_samples),
-                     "correlation": _num(folded.correlation)}  # fmt: skip
-        loop_info.update({f"naive_cut_{k}": _num(v) for k, v in naive.__dict__.items()})
-    elif m.fade_in_s or m.fade_out_s:
+        # Beat grid, then a loop of whole bars cut on the downbeat; no clear beat: a loop of the duration.
+        looped = loop_stage.loop_take(x, sr, duration_s=duration_s, bars=m.bars, meter=m.meter, bpm_prior=bpm_prior)
+        return TakeAudio(looped.loop.samples, sr, dc_offset, looped.info, looped.seam_options)
+    if m.fade_in_s or m.fade_out_s:
         x = master_stage.apply_fades(x, sr, fade_in_s=m.fade_in_s, fade_out_s=m.fade_out_s)
-    return TakeAudio(x, sr, dc_offset, loop_info)
+    return TakeAudio(x, sr, dc_offset, None)
 
 
 def master_take(
