@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional
 
 import typer
 
@@ -12,7 +14,8 @@ from tydust_gen.base.settings import MAX_DURATION_S
 from tydust_gen.cli.main import DEFAULT_COMMAND, app
 from tydust_gen.cli.output import Reporter, guarded, print_json, summary, summary_table
 from tydust_gen.model.loading import DEFAULT_MODEL
-from tydust_gen.runs.batch import BatchRequest, run_batch, track_json
+from tydust_gen.runs.batch import BatchRequest, WorkerBoard, run_batch, track_json
+from tydust_gen.runs.distributed import RayScaleOut, scale_request
 
 # Numbers arrive as text and are parsed by the core (tydust_gen.base.settings), so a bad value gets the
 # same one-line message from the command line and from a prompt file; the metavars show the type in --help.
@@ -60,6 +63,20 @@ def generate_cmd(
         DEFAULT_MODEL, "--model", envvar="TYDUST_MODEL", metavar="TEXT", help="Hub id (uses the HF cache; honours HF_HUB_OFFLINE) or a local snapshot folder."
     ),
     device: str = typer.Option("auto", "--device", metavar="TEXT", help="auto (CUDA when present), cuda or cpu."),
+    workers: Optional[str] = typer.Option(
+        None, "--workers", metavar=INTEGER,
+        help="Render on N worker processes, each holding the model (Ray actors; CPU workers share the cores). "
+        "Alone: a Ray started on this machine for the run; with --ray: N workers on the cluster. Needs tydust-gen[ray].",
+    ),  # fmt: skip
+    devices: Optional[str] = typer.Option(
+        None, "--devices", metavar="LIST",
+        help="One worker per device of this machine, e.g. cuda:0,cuda:1 (cpu for a CPU worker). Needs tydust-gen[ray].",
+    ),  # fmt: skip
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS",
+        help="Render on a Ray cluster: auto (the running one, see `ray start --head`), local (start one here) "
+        "or HOST:PORT. One worker per GPU, else see --workers. Needs tydust-gen[ray].",
+    ),  # fmt: skip
     prompts_dir: Path = typer.Option(Path("prompts"), "--prompts-dir", envvar="TYDUST_PROMPTS_DIR", metavar="PATH", help="Folder of prompt files."),
     out_dir: Optional[Path] = typer.Option(
         None, "--out-dir", "-o", metavar="PATH", help="Output folder (default assets/music/<genre>/ when the prompt file names one, else assets/music/)."
@@ -87,7 +104,7 @@ def generate_cmd(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:
     """Generate tracks from their prompt files (the default command)."""
-    rep = Reporter(quiet)
+    rep = _BatchReporter(quiet)
     request = BatchRequest(
         tracks=tracks,
         cli_settings={
@@ -121,7 +138,11 @@ def generate_cmd(
     )
 
     def body() -> int:
-        done = run_batch(request, rep)
+        scale = scale_request(ray=ray, workers=workers, devices=devices, device_name=device, worker_logs=debug)
+        # Ray prints from threads of its own on stdout (a worker that died; with --debug, what workers print):
+        # stdout is for --json, so during the run its lines go to stderr with the rest of the human output.
+        with contextlib.redirect_stdout(sys.stderr) if scale else contextlib.nullcontext():
+            done = run_batch(request, rep, scale=RayScaleOut(scale, model) if scale else None)
         if as_json:
             print_json({
                 "ok": not done.failed,
@@ -136,3 +157,32 @@ def generate_cmd(
         return EXIT_TRACK_FAILED if done.failed else 0
 
     guarded(rep, debug, body, as_json=as_json)
+
+
+class _BatchReporter(Reporter):
+    """The reporter, plus one progress line per worker and one for the batch when workers render."""
+
+    @contextlib.contextmanager
+    def workers(self, labels: list[str], tracks: int) -> Iterator[WorkerBoard]:
+        if not self.interactive:
+            yield WorkerBoard()
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=self.console)
+        with bar:
+            whole = bar.add_task("batch: tracks", total=tracks)
+            lines = {label: bar.add_task(f"{label}: starting", total=None) for label in labels}
+            yield _RichBoard(bar, whole, lines)
+
+
+class _RichBoard(WorkerBoard):
+    def __init__(self, bar: Any, whole: Any, lines: dict[str, Any]):
+        self.bar, self.whole, self.lines = bar, whole, lines
+
+    def worker(self, label: str, text: str, done: int | None = None, total: int | None = None) -> None:
+        if label in self.lines:
+            self.bar.update(self.lines[label], description=f"{label}: {text}", completed=done or 0, total=total)
+
+    def batch(self, finished: int, total: int) -> None:
+        self.bar.update(self.whole, completed=finished, total=total)

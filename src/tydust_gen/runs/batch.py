@@ -14,7 +14,7 @@ import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from tydust_gen.base.errors import DeviceError, TydustError, UsageError
 from tydust_gen.base.prompts import available_tracks
@@ -139,6 +139,16 @@ def check_prompt_lengths(loaded, plans: list[TrackPlan]) -> None:
 StageCallback = Callable[[str], None]
 
 
+class WorkerBoard:
+    """Progress of a batch spread over workers (:mod:`tydust_gen.runs.distributed`); does nothing here."""
+
+    def worker(self, label: str, text: str, done: int | None = None, total: int | None = None) -> None:
+        """Worker ``label`` is doing ``text`` (e.g. "game_over: generating"), ``done`` of ``total`` steps."""
+
+    def batch(self, finished: int, total: int) -> None:
+        """``finished`` of ``total`` tracks are done (written or failed)."""
+
+
 class RunListener:
     """What a front end hears from a run. Every method does nothing here; the CLI overrides them.
 
@@ -146,7 +156,12 @@ class RunListener:
     :meth:`info` and :meth:`warn`, a failed track through :meth:`track_failed`
     (the batch goes on), and per-track progress through the callbacks that
     :meth:`track` yields while the track renders.
+
+    Attributes:
+        interactive: a person watches a terminal (the hub's download bars may then be shown).
     """
+
+    interactive: bool = False
 
     def info(self, text: str) -> None:
         """An informational line (loading the model, building the kernel)."""
@@ -161,6 +176,32 @@ class RunListener:
     def track(self, name: str) -> Iterator[tuple[ProgressCallback | None, StageCallback | None]]:
         """Wraps one track's rendering; yields ``(progress, stage)`` callbacks, or Nones."""
         yield None, None
+
+    @contextlib.contextmanager
+    def workers(self, labels: list[str], tracks: int) -> Iterator[WorkerBoard]:
+        """Wraps a batch rendered by several workers at once; yields where their progress goes."""
+        yield WorkerBoard()
+
+
+class ScaleOut(Protocol):
+    """Renders planned tracks outside this process (see :mod:`tydust_gen.runs.distributed`).
+
+    ``render`` runs with every track's lock held; it writes each finished take
+    into its ``out_dir`` itself and returns ``(results, device, load_s)``: one
+    :class:`TrackResult` per take (a failed track: one failed result), the
+    device(s) as text, and the seconds the workers spent loading the model.
+    """
+
+    def render(
+        self,
+        plans: list[TrackPlan],
+        *,
+        source: Any,
+        identity: dict[str, Any],
+        ffmpeg: Ffmpeg,
+        force: bool,
+        listener: RunListener,
+    ) -> tuple[list[TrackResult], str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -271,6 +312,12 @@ def render_planned(
     except TydustError as exc:
         listener.track_failed(name, str(exc))
         return [TrackResult(name=name, settings=plan.settings, seed_was_random=plan.seed_was_random, error=str(exc))]
+    warn_loudness(takes, listener)
+    return takes
+
+
+def warn_loudness(takes: list[TrackResult], listener: RunListener) -> None:
+    """Say when a finished take missed its loudness target or its true-peak ceiling."""
     for r in takes:
         if r.loudness and not r.loudness["ceiling_met"]:
             listener.warn(f"{r.name}: the encoded files peak above {r.loudness['ceiling_dbtp']:g} dBTP after 3 tries")
@@ -279,14 +326,15 @@ def render_planned(
                 f"{r.name}: reached {r.loudness['output_lufs']} LUFS, not {r.loudness['target_lufs']:g}, "
                 f"within the {r.loudness['ceiling_dbtp']:g} dBTP ceiling"
             )
-    return takes
 
 
-def run_batch(request: BatchRequest, listener: RunListener | None = None) -> BatchResult:
+def run_batch(request: BatchRequest, listener: RunListener | None = None, *, scale: ScaleOut | None = None) -> BatchResult:
     """Plan, check, lock, load the model once, and render every track that needs it.
 
     A track that fails is reported through ``listener.track_failed`` and the
-    batch goes on; its result has ``ok`` False.
+    batch goes on; its result has ``ok`` False. With ``scale`` the locked tracks
+    are rendered by its workers instead of by a model loaded here (planning,
+    seeds, skipping and locks stay in this process).
 
     Raises:
         UsageError, EnvironmentProblem, TrackBusyError: before any track renders.
@@ -301,8 +349,8 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None) -> Bat
     plans = plan_tracks(request)
     ffmpeg = find_ffmpeg()
     check_encoders(ffmpeg)
-    device, fell_back = loading.resolve_device(request.device_name)
-    if device.type != "cpu" and any(p.settings.backend == "fast-int8" for p in plans):
+    device, fell_back = (None, False) if scale else loading.resolve_device(request.device_name)
+    if device is not None and device.type != "cpu" and any(p.settings.backend == "fast-int8" for p in plans):
         raise DeviceError("--backend fast-int8 runs on the CPU only; use --backend fast on a GPU, or --device cpu")
     source = loading.resolve_source(request.model_ref)
     identity = provenance.model_identity(source)
@@ -315,32 +363,40 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None) -> Bat
         with TrackLocks() as track_locks:
             for plan in plans:
                 track_locks.acquire(plan.out_dir, plan.spec.name)
-            if fell_back:
-                listener.warn("no CUDA GPU found; generating on the CPU, which is much slower")
-            listener.info(f"loading {request.model_ref} on {device.type}…")
-            faults.hook("loading")
-            t_load = time.perf_counter()
-            # The CLI's reporter is `interactive` on a terminal without --quiet: then the first
-            # run's ~2.4 GB download shows the hub's progress bars instead of looking hung.
-            loaded = loading.load_model(source, device, show_download_progress=getattr(listener, "interactive", False))
-            load_s = time.perf_counter() - t_load
-            check_prompt_lengths(loaded, plans)
-            if loaded.device.type == "cpu" and any(p.settings.backend == "fast" for p in plans):
-                prepare_cpu_kernel(listener)
-            # One backend per name for this batch: its prepared weights are built once per model.
-            backends: dict[str, CodeBackend] = {}
-            for plan in plans:
-                backend = backends.setdefault(plan.settings.backend, make_backend(plan.settings.backend))
-                results.extend(
-                    render_planned(loaded, plan, backend=backend, ffmpeg=ffmpeg, force=request.force,
-                                   identity=identity, listener=listener)  # fmt: skip
+            if scale is not None:
+                rendered, device, load_s = scale.render(
+                    plans, source=source, identity=identity, ffmpeg=ffmpeg, force=request.force, listener=listener
                 )
+                results.extend(rendered)
+            else:
+                if fell_back:
+                    listener.warn("no CUDA GPU found; generating on the CPU, which is much slower")
+                listener.info(f"loading {request.model_ref} on {device.type}…")
+                faults.hook("loading")
+                t_load = time.perf_counter()
+                # The CLI's reporter is `interactive` on a terminal without --quiet: then the first
+                # run's ~2.4 GB download shows the hub's progress bars instead of looking hung.
+                loaded = loading.load_model(source, device, show_download_progress=listener.interactive)
+                load_s = time.perf_counter() - t_load
+                check_prompt_lengths(loaded, plans)
+                if loaded.device.type == "cpu" and any(p.settings.backend == "fast" for p in plans):
+                    prepare_cpu_kernel(listener)
+                # One backend per name for this batch: its prepared weights are built once per model.
+                backends: dict[str, CodeBackend] = {}
+                for plan in plans:
+                    backend = backends.setdefault(plan.settings.backend, make_backend(plan.settings.backend))
+                    results.extend(
+                        render_planned(loaded, plan, backend=backend, ffmpeg=ffmpeg, force=request.force,
+                                       identity=identity, listener=listener)  # fmt: skip
+                    )
     # Report in the order the tracks were named (skipped ones were set aside first).
     position = {name: i for i, p in enumerate(plans_in_order) for name in (p.spec.name, *p.takes)}
     results.sort(key=lambda r: position.get(r.name, len(position)))
     for r in results:
         statuses.setdefault(r.name, "ok" if r.ok else "failed")
-    return BatchResult(results, statuses, str(device), load_s, time.perf_counter() - started)
+    # scale with every track skipped: no worker was started, so there is no device to name
+    device_text = "not started" if device is None else str(device)
+    return BatchResult(results, statuses, device_text, load_s, time.perf_counter() - started)
 
 
 def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
