@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tydust_gen.base.errors import TrackBusyError
-from tydust_gen.base.faults import signals_deferred
+from tydust_gen.base.signals import deferred as signals_deferred
 from tydust_gen.export.staging import make_output_dir
 
 LOCK_SUFFIX = ".lock"

@@ -232,6 +232,7 @@ def render_takes(
     )
     t1 = time.perf_counter()
     announce("decoding")
+    faults.hook("decode")
     waves = generate.decode_codes(loaded, codes)
     t2 = time.perf_counter()
     # Generation and decoding run once for the whole batch of takes; each take reports the batch time.
@@ -241,6 +242,7 @@ def render_takes(
     for index, (take, wave) in enumerate(zip(plan.takes, waves), start=1):
         ta = time.perf_counter()
         announce("mastering" if len(plan.takes) == 1 else f"mastering take {index}")
+        faults.hook("master")
         stereo = audio.to_44k1_stereo(wave, gen_duration)
         sr = stereo.sample_rate
         raw = stereo.samples.numpy()
