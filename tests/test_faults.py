@@ -7,6 +7,9 @@ is byte-identical afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -114,6 +117,49 @@ def test_signal_leaves_earlier_take_identical(workdir, tiny_model_dir, out_with_
     assert snapshot(out) == before  # --force, yet nothing replaced
     no_leftovers(workdir)
     assert list(private_tmp.iterdir()) == []
+
+
+def _signal_taken(pid: int, sig: int, timeout: float = 10.0) -> bool:
+    """Wait until no thread of ``pid`` has ``sig`` pending (some thread took it); False if none would."""
+    bit = 1 << (sig - 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith(("SigPnd:", "ShdPnd:")):
+                        pending |= int(line.split()[1], 16)
+        if not pending & bit:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_between_final_renames_completes_the_take(workdir, tiny_model_dir, out_with_take, tmp_path, sig, code):
+    """A signal after the MP3 moved into place but before the OGG and the record did: the take completes,
+    then the run stops with the signal's exit code. torch's threads are alive, so any thread may take it."""
+    out, before = out_with_take
+    go = tmp_path / "go"
+    proc = spawn(workdir, tiny_model_dir, "game_over", "-d", "0.6", "--seed", "9", "-o", "out", "--force", new_group=True,
+                 TYDUST_TEST_HOOK="commit-held", TYDUST_TEST_HOOK_GO=str(go))  # fmt: skip
+    wait_for_marker(proc, "commit-held")
+    assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) > 1  # worker threads that could take it
+    proc.send_signal(sig)
+    _signal_taken(proc.pid, sig)
+    go.touch()
+    rc, err = finish(proc)
+    assert rc == code, err
+    after = snapshot(out)
+    assert sorted(after) == TAKE, err
+    assert all(after[name] != before[name] for name in TAKE)  # audio and record all from the new run
+    record = json.loads(after["game_over.json"])
+    assert record["settings"]["seed"] == 9
+    assert sorted(f["path"] for f in record["files"]) == ["game_over.mp3", "game_over.ogg"]
+    for f in record["files"]:
+        assert f["sha256"] == hashlib.sha256(after[f["path"]]).hexdigest()
+    no_leftovers(workdir)
 
 
 def test_signal_in_new_folder_leaves_nothing(workdir, tiny_model_dir):

@@ -1,20 +1,21 @@
-"""Test hooks and signal-safe sections: where fault-injection tests reach into a real run.
+"""Test hooks: where fault-injection tests reach into a real run.
 
 Nothing here changes behaviour unless an environment variable asks for it:
 
-* ``TYDUST_TEST_HOOK=STAGE[:N][@K]`` — (the K-th time) when the run reaches ``STAGE`` (``loading``,
-  ``generate`` after N decoding steps, ``encode`` between the MP3 and the OGG,
-  ``commit`` just before files move into place) it prints
+* ``TYDUST_TEST_HOOK=STAGE[:N][@K]`` — (the K-th time) when the run reaches ``STAGE``
+  (``loading``; ``generate`` after N decoding steps; ``decode`` before EnCodec;
+  ``master`` before the mastering of a take; ``encode`` between the MP3 and the
+  OGG; ``commit`` just before files move into place; ``commit-held`` after the
+  first of those renames, inside the signal hold) it prints
   ``tydust-test-hook: STAGE`` on stderr and waits: until the file named by
   ``TYDUST_TEST_HOOK_GO`` exists, else ``TYDUST_TEST_HOOK_SLEEP`` seconds
-  (default 60). The wait is interruptible, so a test knows where the process is
-  when it sends a signal.
+  (default 60; 0 marks the stage without stopping, so a signal lands in the
+  stage's own work). The wait is interruptible, so a test knows where the
+  process is when it sends a signal.
 * ``TYDUST_TEST_FAULT=enospc:FMT`` — the write of output ``FMT`` (mp3, ogg or
   json) fails as a full disk does (``OSError(ENOSPC)``) after leaving a partial file.
 
-:func:`signals_deferred` holds SIGINT/SIGTERM while a few renames move a
-finished take into place, so an interrupt cannot leave half of a new take
-beside half of the old one; the signal is acted on right after.
+Signals themselves (the hold around the renames) are :mod:`tydust_gen.base.signals`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 HOOK_ENV = "TYDUST_TEST_HOOK"
 HOOK_GO_ENV = "TYDUST_TEST_HOOK_GO"
@@ -83,17 +81,3 @@ def maybe_fail_write(fmt: str, path: Path) -> None:
         with open(path, "ab") as f:
             f.write(b"\0" * 100)  # a partial file, as a real full disk leaves
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Block SIGINT and SIGTERM inside the block; pending ones are delivered at its end."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    mask = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

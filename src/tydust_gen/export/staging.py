@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tydust_gen.audio.resample import TARGET_CHANNELS, TARGET_SAMPLE_RATE
-from tydust_gen.base import faults
+from tydust_gen.base import faults, signals
 from tydust_gen.base.errors import ExportError, OutputDirError
 from tydust_gen.base.waveform import Waveform
 from tydust_gen.export.encode import encode_segment, pcm_segment
@@ -144,7 +144,7 @@ class Staging:
 
     def __exit__(self, *exc_info) -> None:
         if self.path is not None:
-            with faults.signals_deferred():  # a second Ctrl-C must not leave the staging folder half removed
+            with signals.deferred():  # a second Ctrl-C must not leave the staging folder half removed
                 shutil.rmtree(self.path, ignore_errors=True)
 
     def staged(self, fmt: str) -> Path:
@@ -215,12 +215,14 @@ class Staging:
         for fname, content in (sidecar(done) if sidecar else {}).items():
             moves.append((_write_staged(self.path / fname, content), self.out_dir / fname))
         faults.hook("commit")
-        with faults.signals_deferred():
-            for src, dest in moves:
+        with signals.deferred():
+            for index, (src, dest) in enumerate(moves):
                 try:
                     os.replace(src, dest)
                 except OSError as exc:
                     raise ExportError(f"could not move {dest.name} into {self.out_dir}: {exc.strerror}") from exc
+                if index == 0:
+                    faults.hook("commit-held")  # a test's signal lands between the renames
         return done
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import filelock
 
 from tydust_gen.base.errors import OutputDirError, TrackBusyError
-from tydust_gen.base.faults import signals_deferred
+from tydust_gen.base.signals import deferred as signals_deferred
 from tydust_gen.base.variations import VARIATION_SUFFIX
 from tydust_gen.export.staging import make_output_dir, staging_folders
 

@@ -267,6 +267,7 @@ def render_takes(
     )
     t1 = time.perf_counter()
     announce("decoding")
+    faults.hook("decode")
     waves = generate.decode_codes(loaded, codes)
     t2 = time.perf_counter()
     # Generation and decoding run once for the whole batch of takes; each take reports the batch time.
@@ -276,6 +277,7 @@ def render_takes(
     for index, (take, wave) in enumerate(zip(plan.takes, waves), start=1):
         ta = time.perf_counter()
         announce("mastering" if len(plan.takes) == 1 else f"mastering take {index}")
+        faults.hook("master")
         prepared = prepare_take_audio(
             wave, generated_s=gen_duration, duration_s=plan.settings.duration_s, mastering=m, bpm_prior=plan.spec.bpm
         )
