@@ -10,7 +10,6 @@ import ast
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
