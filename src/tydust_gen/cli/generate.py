@@ -177,7 +177,11 @@ class _RichBoard(WorkerBoard):
         self.bar, self.whole, self.lines = bar, whole, lines
 
     def worker(self, label: str, text: str, done: int | None = None, total: int | None = None) -> None:
-        if label in self.lines:
+        if label not in self.lines:
+            return
+        if total is None:  # a stage without steps: no bar left over from the last track's steps
+            self.bar.reset(self.lines[label], total=None, description=f"{label}: {text}")
+        else:
             self.bar.update(self.lines[label], description=f"{label}: {text}", completed=done or 0, total=total)
 
     def batch(self, finished: int, total: int) -> None:
