@@ -167,12 +167,14 @@ class _BatchReporter(Reporter):
         if not self.interactive:
             yield WorkerBoard()
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=self.console)
+        # counts as a text field: a worker between tracks has no step count, and rich cannot unset a total
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"), TimeElapsedColumn(),
+                       console=self.console)  # fmt: skip
         with bar:
-            whole = bar.add_task("batch: tracks", total=tracks)
-            lines = {label: bar.add_task(f"{label}: starting", total=None) for label in labels}
+            whole = bar.add_task("batch", total=tracks, count=f"0/{tracks} tracks")
+            lines = {label: bar.add_task(f"{label}: starting", total=None, count="") for label in labels}
             yield _RichBoard(bar, whole, lines)
 
 
@@ -181,8 +183,10 @@ class _RichBoard(WorkerBoard):
         self.bar, self.whole, self.lines = bar, whole, lines
 
     def worker(self, label: str, text: str, done: int | None = None, total: int | None = None) -> None:
-        if label in self.lines:
-            self.bar.update(self.lines[label], description=f"{label}: {text}", completed=done or 0, total=total)
+        if label not in self.lines:
+            return
+        count = f"{done}/{total} steps" if total else ""
+        self.bar.update(self.lines[label], description=f"{label}: {text}", completed=done or 0, total=total, count=count)
 
     def batch(self, finished: int, total: int) -> None:
-        self.bar.update(self.whole, completed=finished, total=total)
+        self.bar.update(self.whole, completed=finished, total=total, count=f"{finished}/{total} tracks")
