@@ -38,8 +38,9 @@ DC_OFFSET = 0.3  # like the tiny model's output (FACTS.md), removed on the way
 WINDOW_START_S = 1.0
 WINDOW_S = 4.0
 
-# (Hz, expected level relative to 1 kHz in dB, tolerance dB); the brief's and GAME_AUDIO.md's figures.
+# (Hz, expected level relative to 1 kHz in dB, tolerance dB): the response audio/master.py documents.
 EXPECTED = [(20.0, -6.0, 0.5), (40.0, -0.5, 0.3), (60.0, -0.1, 0.2)]
+TONES_HZ = [f for f, _, _ in EXPECTED] + [REFERENCE_HZ]
 
 
 def decode(path) -> np.ndarray:
@@ -68,7 +69,7 @@ def decoded_takes(request, tmp_path_factory) -> dict[str, np.ndarray]:
     # in loop mode the pipeline generates an overrun and folds it into a loop of the track's length
     generated = SECONDS + (DEFAULT_LOOP_OVERRUN_S if loop else 0.0)
     t = np.arange(int(round(generated * MODEL_RATE))) / MODEL_RATE
-    mono = DC_OFFSET + TONE_AMPLITUDE * sum(np.sin(2 * np.pi * f * t) for f in [f for f, _, _ in EXPECTED] + [REFERENCE_HZ])
+    mono = DC_OFFSET + TONE_AMPLITUDE * sum(np.sin(2 * np.pi * f * t) for f in TONES_HZ)
     wave = Waveform(torch.from_numpy(mono[np.newaxis, :].astype(np.float32)), MODEL_RATE)
     # loudness off: the static gain is 0 dB and the tones keep their relative levels
     mastering = MasteringSettings(loudness_lufs=None, true_peak_dbtp=-1.0, loop=loop)
@@ -88,7 +89,7 @@ def decoded_takes(request, tmp_path_factory) -> dict[str, np.ndarray]:
 def test_low_frequency_response_of_the_whole_chain(decoded_takes, fmt):
     x = decoded_takes[fmt]
     assert abs(float(x.mean())) < 1e-3  # the offset is gone
-    levels = tone_levels_db(x, [f for f, _, _ in EXPECTED] + [REFERENCE_HZ])
+    levels = tone_levels_db(x, TONES_HZ)
     measured = {f: round(levels[f] - levels[REFERENCE_HZ], 2) for f, _, _ in EXPECTED}
     for freq, expected_db, tolerance_db in EXPECTED:
         assert measured[freq] == pytest.approx(expected_db, abs=tolerance_db), (fmt, measured)
