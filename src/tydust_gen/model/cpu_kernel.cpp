@@ -3,21 +3,24 @@
 // A MusicGen decode step multiplies every decoder weight matrix by only 2 rows
 // (the guided and unguided halves; 2·takes with variations), so its time is the
 // time to stream the weights from memory. MKL's small-N sgemm reaches 50-80 % of
-// this machine's read bandwidth on it; this kernel reads each weight once, as
-// one sequential stream per thread, from a blocked copy of the weight:
+// this machine's read bandwidth on it; this kernel reads each weight once, straight
+// from the model's own row-major [out, in] tensor: each thread takes whole groups of
+// 4 output rows (a contiguous stretch of memory) and walks their 4 rows side by side,
+// 16 columns at a time. Earlier versions read a blocked copy [out/4, in/16, 4, 16]
+// (one stream per thread); that copy doubled the decoder's weights in memory (+1.1 GB
+// for musicgen-small), so the kernel now reads the weights where they are, with the
+// same arithmetic. Each thread keeps R x G partial sums in vector registers (G rows
+// of the group at a time: all 4 for R <= 4, 2 for more rows) and reduces them at the
+// end of the row. Vectors are GCC's generic 16-float vectors, so the same source
+// compiles to AVX-512, AVX2 or NEON with -march=native. Sums are in a different order
+// than MKL's: results agree to float32 rounding, not bit for bit.
 //
-//   blocked[b][c][j][l] = W[4 b + j][16 c + l]     shape [out/4, in/16, 4, 16]
+// Every input is checked (dtype, contiguity, device, every shape against the others)
+// before a pointer is read, and a bad one raises ValueError in Python: the pointer
+// arithmetic below trusts the shapes completely.
 //
-// so the 4 rows of a block sit next to each other 16 columns at a time (4-row
-// blocks measured 3-8 % faster here than 8-row ones; software prefetch was slower).
-// Each thread takes whole blocks, keeps R x G partial sums in vector registers (G
-// rows of the block at a time: all 4 for R <= 4, 2 for more rows) and reduces them
-// at the end of the row. Vectors are GCC's generic 16-float vectors, so the same
-// source compiles to AVX-512, AVX2 or NEON with -march=native. Sums are in a
-// different order than MKL's: results agree to float32 rounding, not bit for bit.
-//
-// Built by tydust_gen/cpu_kernel.py on first use; registered as torch.ops.tydust.skinny_mm
-// (one product) and torch.ops.tydust.layers_step (every decoder layer of one decode step).
+// Built by tydust_gen/model/cpu_kernel.py on first use; registered as torch.ops.tydust.skinny_mm
+// (one input times one or more weights) and torch.ops.tydust.layers_step (every decoder layer of one decode step).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -53,60 +56,95 @@ inline float reduce16(v16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// Rows [g·G, g·G + G) of blocks [b0, b1) for R input rows.
+// Output rows [4 b0, 4 b1) of y = x W^T for R input rows; W row-major [out, in]; y row r at y + r * ys.
 template <int R, int G>
-void block_range(const float* wb, const float* x, float* y, int64_t out, int64_t in, int64_t b0, int64_t b1) {
+void block_range(const float* wp, const float* x, float* y, int64_t ys, int64_t in, int64_t b0, int64_t b1) {
   const int64_t chunks = in / kChunk;
   for (int64_t b = b0; b < b1; ++b) {
     for (int g = 0; g < kBlockRows / G; ++g) {
       v16 acc[R][G];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < G; ++j) acc[r][j] = v16{};
-      const float* w = wb + (b * chunks * kBlockRows + g * G) * kChunk;
-      for (int64_t c = 0; c < chunks; ++c, w += kBlockRows * kChunk) {
+      const int64_t row = b * kBlockRows + g * G;
+      const float* w = wp + row * in;
+      for (int64_t c = 0; c < chunks; ++c) {
         v16 wv[G];
-        for (int j = 0; j < G; ++j) wv[j] = load16(w + j * kChunk);
+        for (int j = 0; j < G; ++j) wv[j] = load16(w + j * in + c * kChunk);
         for (int r = 0; r < R; ++r) {
           const v16 xv = load16(x + r * in + c * kChunk);
           for (int j = 0; j < G; ++j) acc[r][j] += wv[j] * xv;
         }
       }
-      const int64_t row = b * kBlockRows + g * G;
       for (int r = 0; r < R; ++r)
-        for (int j = 0; j < G; ++j) y[r * out + row + j] = reduce16(acc[r][j]);
+        for (int j = 0; j < G; ++j) y[r * ys + row + j] = reduce16(acc[r][j]);
     }
   }
 }
 
+// y [R, sum of outs] = x times every weight of ws (each [out_i, in]), their outputs side by side,
+// in one parallel region: the threads split the row groups of all weights together.
 template <int R>
-void run_rows(const float* wb, const float* x, float* y, int64_t out, int64_t in) {
+void run_rows(const std::vector<const float*>& wp, const std::vector<int64_t>& outs, const float* x, float* y,
+              int64_t total, int64_t in) {
   constexpr int G = R <= 4 ? 4 : 2;
-  const int64_t blocks = out / kBlockRows;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { block_range<R, G>(wb, x, y, out, in, b0, b1); });
+  std::vector<int64_t> first(outs.size() + 1, 0);  // first row group of each weight
+  for (size_t i = 0; i < outs.size(); ++i) first[i + 1] = first[i] + outs[i] / kBlockRows;
+  at::parallel_for(0, first.back(), 4, [&](int64_t b0, int64_t b1) {
+    int64_t col = 0;
+    for (size_t i = 0; i < outs.size(); col += outs[i], ++i) {
+      const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
+      if (lo < hi) block_range<R, G>(wp[i], x, y + col, total, in, lo - first[i], hi - first[i]);
+    }
+  });
 }
 
-// x [R, in] float32 (R <= 8), wb [out/4, in/16, 4, 16] float32 contiguous -> y [R, out].
-at::Tensor skinny_mm(const at::Tensor& x, const at::Tensor& wb) {
-  TORCH_CHECK(wb.dim() == 4 && wb.size(2) == kBlockRows && wb.size(3) == kChunk, "skinny_mm: weight is not blocked");
-  TORCH_CHECK(wb.is_contiguous() && wb.scalar_type() == at::kFloat, "skinny_mm: weight must be contiguous float32");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "skinny_mm: x must be a float32 matrix");
-  const int64_t out = wb.size(0) * kBlockRows, in = wb.size(1) * kChunk, rows = x.size(0);
-  TORCH_CHECK(x.size(1) == in, "skinny_mm: x has ", x.size(1), " columns, the weight ", in);
-  TORCH_CHECK(rows >= 1 && rows <= 8, "skinny_mm: 1 to 8 rows, got ", rows);
+const char* dtype_name(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
+
+// A weight the products can read: [out, in] float32 CPU contiguous, out % 4 == 0, in % 16 == 0.
+void check_weight(const at::Tensor& w, const char* what, int64_t out, int64_t in) {
+  TORCH_CHECK_VALUE(w.device().is_cpu(), what, ": must be on the CPU, got ", w.device());
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat, what, ": must be float32, got ", dtype_name(w));
+  TORCH_CHECK_VALUE(w.dim() == 2, what, ": must be a matrix [out, in], got ", w.dim(), " dimensions");
+  TORCH_CHECK_VALUE(w.is_contiguous(), what, ": must be contiguous (row-major)");
+  TORCH_CHECK_VALUE(w.size(0) % kBlockRows == 0 && w.size(1) % kChunk == 0, what, ": shape [", w.size(0), ", ",
+                    w.size(1), "] needs out % 4 == 0 and in % 16 == 0");
+  TORCH_CHECK_VALUE(in < 0 || w.size(1) == in, what, ": has ", w.size(1), " columns, expected ", in);
+  TORCH_CHECK_VALUE(out < 0 || w.size(0) == out, what, ": has ", w.size(0), " rows, expected ", out);
+}
+
+// x [R, in] float32 (1 <= R <= 8) times each w_i [out_i, in] (float32, contiguous) -> y [R, sum out_i]:
+// the products of one input with several weights (q, k, v; the output heads), as one product
+// with the weights stacked would give, without stacking them (that would copy the weights).
+at::Tensor skinny_mm(const at::Tensor& x, at::TensorList ws) {
+  TORCH_CHECK_VALUE(!ws.empty(), "skinny_mm: no weights");
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+                    "skinny_mm: x must be a float32 CPU matrix, got ", dtype_name(x), " with ", x.dim(), " dimensions");
+  const int64_t in = ws[0].dim() == 2 ? ws[0].size(1) : -1, rows = x.size(0);
+  std::vector<const float*> wp;
+  std::vector<int64_t> outs;
+  int64_t total = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const std::string what = "skinny_mm: weight " + std::to_string(i);
+    check_weight(ws[i], what.c_str(), -1, in);
+    wp.push_back(ws[i].data_ptr<float>());
+    outs.push_back(ws[i].size(0));
+    total += ws[i].size(0);
+  }
+  TORCH_CHECK_VALUE(x.size(1) == in, "skinny_mm: x has ", x.size(1), " columns, the weight ", in);
+  TORCH_CHECK_VALUE(rows >= 1 && rows <= 8, "skinny_mm: 1 to 8 rows, got ", rows);
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({rows, out}, xc.options());
-  const float* wp = wb.data_ptr<float>();
+  at::Tensor y = at::empty({rows, total}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (rows) {
-    case 1: run_rows<1>(wp, xp, yp, out, in); break;
-    case 2: run_rows<2>(wp, xp, yp, out, in); break;
-    case 3: run_rows<3>(wp, xp, yp, out, in); break;
-    case 4: run_rows<4>(wp, xp, yp, out, in); break;
-    case 5: run_rows<5>(wp, xp, yp, out, in); break;
-    case 6: run_rows<6>(wp, xp, yp, out, in); break;
-    case 7: run_rows<7>(wp, xp, yp, out, in); break;
-    default: run_rows<8>(wp, xp, yp, out, in); break;
+    case 1: run_rows<1>(wp, outs, xp, yp, total, in); break;
+    case 2: run_rows<2>(wp, outs, xp, yp, total, in); break;
+    case 3: run_rows<3>(wp, outs, xp, yp, total, in); break;
+    case 4: run_rows<4>(wp, outs, xp, yp, total, in); break;
+    case 5: run_rows<5>(wp, outs, xp, yp, total, in); break;
+    case 6: run_rows<6>(wp, outs, xp, yp, total, in); break;
+    case 7: run_rows<7>(wp, outs, xp, yp, total, in); break;
+    default: run_rows<8>(wp, outs, xp, yp, total, in); break;
   }
   return y;
 }
@@ -114,13 +152,13 @@ at::Tensor skinny_mm(const at::Tensor& x, const at::Tensor& wb) {
 // ---------------------------------------------------------------------------------------
 // One pre-LN decoder layer for one new position, in one call (the eager CPU decode step).
 //
-// Same math as fastloop._decoder's single-position branch: layer norm -> fused q/k/v
-// (q rows pre-scaled by 1/sqrt(hd)) -> write k, v at `pos` -> attention over cache
-// positions [0, pos] -> out projection + residual; layer norm -> cross q -> attention
+// Same math as fast._decoder's single-position branch: layer norm -> q, k, v (the model's
+// three projections) -> write k, v at `pos` -> attention over cache positions [0, pos]
+// (scores scaled by 1/sqrt(hd), as transformers does) -> out projection + residual; layer norm -> cross q -> attention
 // over the text keys (scale, additive mask bias) -> out projection + residual; layer
 // norm -> fc1 -> exact GELU -> fc2 + residual. Python would spend ~25 dispatches per
 // layer on this; here it is one call and ONE OpenMP parallel region (torch's own
-// OpenMP runtime and thread count): the threads split each product's blocks and the
+// OpenMP runtime and thread count): the threads split each product's row groups and the
 // attention's (row, head) pairs, and meet at barriers between phases. A fork/join per
 // phase (9 a layer) cost ~3.8 ms a step on this 2-core machine; barriers cost little.
 
@@ -129,22 +167,22 @@ inline void share(int64_t n, int tid, int nth, int64_t& lo, int64_t& hi) {
   hi = n * (tid + 1) / nth;
 }
 
-// This thread's share of the blocks of x [rows, in] times blocked wb -> y [rows, out].
-void skinny_share(const float* x, const at::Tensor& wb, float* y, int64_t rows, int tid, int nth) {
-  const int64_t out = wb.size(0) * kBlockRows, in = wb.size(1) * kChunk;
-  const float* wp = wb.data_ptr<float>();
+// This thread's share of the row groups of x [rows, in] times w [out, in] -> y (row r at y + r * ys).
+void skinny_share(const float* x, const at::Tensor& w, float* y, int64_t ys, int64_t rows, int tid, int nth) {
+  const int64_t in = w.size(1);
+  const float* wp = w.data_ptr<float>();
   int64_t b0, b1;
-  share(wb.size(0), tid, nth, b0, b1);
+  share(w.size(0) / kBlockRows, tid, nth, b0, b1);
   if (b0 >= b1) return;
   switch (rows) {
-    case 1: block_range<1, 4>(wp, x, y, out, in, b0, b1); break;
-    case 2: block_range<2, 4>(wp, x, y, out, in, b0, b1); break;
-    case 3: block_range<3, 4>(wp, x, y, out, in, b0, b1); break;
-    case 4: block_range<4, 4>(wp, x, y, out, in, b0, b1); break;
-    case 5: block_range<5, 2>(wp, x, y, out, in, b0, b1); break;
-    case 6: block_range<6, 2>(wp, x, y, out, in, b0, b1); break;
-    case 7: block_range<7, 2>(wp, x, y, out, in, b0, b1); break;
-    default: block_range<8, 2>(wp, x, y, out, in, b0, b1); break;
+    case 1: block_range<1, 4>(wp, x, y, ys, in, b0, b1); break;
+    case 2: block_range<2, 4>(wp, x, y, ys, in, b0, b1); break;
+    case 3: block_range<3, 4>(wp, x, y, ys, in, b0, b1); break;
+    case 4: block_range<4, 4>(wp, x, y, ys, in, b0, b1); break;
+    case 5: block_range<5, 2>(wp, x, y, ys, in, b0, b1); break;
+    case 6: block_range<6, 2>(wp, x, y, ys, in, b0, b1); break;
+    case 7: block_range<7, 2>(wp, x, y, ys, in, b0, b1); break;
+    default: block_range<8, 2>(wp, x, y, ys, in, b0, b1); break;
   }
 }
 
@@ -213,10 +251,12 @@ void attend_range(const float* q, int64_t q_stride, const float* k, const float*
   }
 }
 
-// One layer in place on xp [rows, d]. w: the layer's 12 tensors (ln1 w, ln1 b, qkv, self_out,
-// ln2 w, ln2 b, cross_q, cross_out, ln3 w, ln3 b, fc1, fc2; projections blocked); sk, sv: its
-// self-attention cache [rows, H, cap, hd]; ck, cv: its text keys/values [rows, H, text, hd];
-// cbias: [rows, text] additive; eps: its three layer-norm epsilons.
+// One layer in place on xp [rows, d]. w: the layer's kWeights tensors (ln1 w, ln1 b, q, k, v,
+// self_out, ln2 w, ln2 b, cross_q, cross_out, ln3 w, ln3 b, fc1, fc2; projections row-major
+// [out, in], the model's own); sk, sv: its self-attention cache [rows, H, cap, hd]; ck, cv: its
+// text keys/values [rows, H, text, hd]; cbias: [rows, text] additive; eps: its three epsilons.
+constexpr int64_t kWeights = 14;
+
 struct Scratch {
   std::vector<float> h, a, y, g;
   Scratch(int64_t rows, int64_t d, int64_t ffn) : h(rows * d), a(rows * d), y(rows * std::max<int64_t>(3 * d, ffn)), g(rows * d) {}
@@ -224,9 +264,9 @@ struct Scratch {
 
 void layer_impl(float* xp, int64_t rows, int64_t d, int64_t heads, const at::Tensor* w, const at::Tensor& skt,
                 const at::Tensor& svt, const at::Tensor& ckt, const at::Tensor& cvt, const float* cbias,
-                int64_t pos, float cscale, const double* eps, Scratch& buf) {
+                int64_t pos, float sscale, float cscale, const double* eps, Scratch& buf) {
   auto f = [](const at::Tensor& t) { return t.data_ptr<float>(); };
-  const int64_t hd = d / heads, cap = skt.size(2), text = ckt.size(2), ffn = w[10].size(0) * kBlockRows;
+  const int64_t hd = d / heads, cap = skt.size(2), text = ckt.size(2), ffn = w[12].size(0);
   float* sk = f(skt);
   float* sv = f(svt);
   const float* ck = f(ckt);
@@ -247,7 +287,10 @@ void layer_impl(float* xp, int64_t rows, int64_t d, int64_t heads, const at::Ten
     // self-attention
 #pragma omp single
     layer_norm_rows(xp, hp, f(w[0]), f(w[1]), eps[0], rows, d);
-    skinny_share(hp, w[2], yp, rows, tid, nth);  // [rows, 3d]: q | k | v
+    // [rows, 3d]: q | k | v, from the model's three projections
+    skinny_share(hp, w[2], yp, 3 * d, rows, tid, nth);
+    skinny_share(hp, w[3], yp + d, 3 * d, rows, tid, nth);
+    skinny_share(hp, w[4], yp + 2 * d, 3 * d, rows, tid, nth);
 #pragma omp barrier
 #pragma omp single
     for (int64_t r = 0; r < rows; ++r)
@@ -255,29 +298,29 @@ void layer_impl(float* xp, int64_t rows, int64_t d, int64_t heads, const at::Ten
         std::memcpy(sk + ((r * heads + hh) * cap + pos) * hd, yp + r * 3 * d + d + hh * hd, hd * sizeof(float));
         std::memcpy(sv + ((r * heads + hh) * cap + pos) * hd, yp + r * 3 * d + 2 * d + hh * hd, hd * sizeof(float));
       }
-    attend_range(yp, 3 * d, sk, sv, cap, pos + 1, nullptr, 1.0f, ap, heads, hd, t0, t1, scratch.data());
+    attend_range(yp, 3 * d, sk, sv, cap, pos + 1, nullptr, sscale, ap, heads, hd, t0, t1, scratch.data());
 #pragma omp barrier
-    skinny_share(ap, w[3], gp, rows, tid, nth);
+    skinny_share(ap, w[5], gp, d, rows, tid, nth);
 #pragma omp barrier
 #pragma omp single
     {
       for (int64_t i = 0; i < rows * d; ++i) xp[i] += gp[i];
       // cross-attention over the text
-      layer_norm_rows(xp, hp, f(w[4]), f(w[5]), eps[1], rows, d);
+      layer_norm_rows(xp, hp, f(w[6]), f(w[7]), eps[1], rows, d);
     }
-    skinny_share(hp, w[6], yp, rows, tid, nth);
+    skinny_share(hp, w[8], yp, d, rows, tid, nth);
 #pragma omp barrier
     attend_range(yp, d, ck, cv, text, text, cbias, cscale, ap, heads, hd, t0, t1, scratch.data());
 #pragma omp barrier
-    skinny_share(ap, w[7], gp, rows, tid, nth);
+    skinny_share(ap, w[9], gp, d, rows, tid, nth);
 #pragma omp barrier
 #pragma omp single
     {
       for (int64_t i = 0; i < rows * d; ++i) xp[i] += gp[i];
       // feed-forward
-      layer_norm_rows(xp, hp, f(w[8]), f(w[9]), eps[2], rows, d);
+      layer_norm_rows(xp, hp, f(w[10]), f(w[11]), eps[2], rows, d);
     }
-    skinny_share(hp, w[10], yp, rows, tid, nth);
+    skinny_share(hp, w[12], yp, ffn, rows, tid, nth);
 #pragma omp barrier
     {
       // exact (erf) GELU, as nn.functional.gelu's default, on this thread's slice. The C
@@ -287,45 +330,77 @@ void layer_impl(float* xp, int64_t rows, int64_t d, int64_t heads, const at::Ten
       for (int64_t i = i0; i < i1; ++i) yp[i] = 0.5f * yp[i] * (1.0f + std::erf(yp[i] * 0.70710678118654752f));
     }
 #pragma omp barrier
-    skinny_share(yp, w[11], gp, rows, tid, nth);
+    skinny_share(yp, w[13], gp, d, rows, tid, nth);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < rows * d; ++i) xp[i] += gp[i];
   }
 }
 
-void check_cache(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "layers_step: caches must be contiguous float32");
+// A float32 CPU contiguous tensor of exactly this shape.
+void check_tensor(const at::Tensor& t, const char* what, int64_t layer, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "layers_step: ", what, " of layer ", layer, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, "layers_step: ", what, " of layer ", layer, " must be float32, got ",
+                    dtype_name(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), "layers_step: ", what, " of layer ", layer, " must be contiguous");
+  TORCH_CHECK_VALUE(t.sizes() == shape, "layers_step: ", what, " of layer ", layer, " has shape ", t.sizes(),
+                    ", expected ", shape);
 }
 
-// All L layers for one position: x [R, D]; weights: 12 per layer, layer after layer; caches:
+// All L layers for one position: x [R, D]; weights: kWeights per layer, layer after layer; caches:
 // self_k, self_v, cross_k, cross_v per layer, then the cross bias [R, S] once; eps: 3 per layer.
-// Returns the new x [R, D] (before the final layer norm). One call per decode step, so Python
-// and the dispatcher are paid once a step, not once a layer.
+// self_scale: 1/sqrt(head dim) for the self-attention scores (q comes unscaled from the model's
+// q projection); cross_scale likewise for the text. Returns the new x [R, D] (before the final
+// layer norm). One call per decode step, so Python and the dispatcher are paid once a step, not
+// once a layer. Every tensor is checked against x's rows, the hidden size, the heads, the first
+// fc1's width and the first cache's length before any pointer is read.
 at::Tensor layers_step(const at::Tensor& x_in, at::TensorList w, at::TensorList c, int64_t pos, int64_t heads,
-                       double cross_scale, at::ArrayRef<double> eps) {
-  const int64_t layers = static_cast<int64_t>(w.size()) / 12;
-  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(w.size()) == 12 * layers, "layers_step: 12 weights per layer");
-  TORCH_CHECK(static_cast<int64_t>(c.size()) == 4 * layers + 1 && static_cast<int64_t>(eps.size()) == 3 * layers,
-              "layers_step: 4 caches and 3 epsilons per layer, then the cross bias");
-  at::Tensor x = x_in.contiguous().clone();
-  const int64_t rows = x.size(0), d = x.size(1);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && rows >= 1 && rows <= 8, "layers_step: x must be float32 with 1 to 8 rows");
-  TORCH_CHECK(d % heads == 0, "layers_step: hidden size not divisible by heads");
-  for (const auto& t : c) check_cache(t);
+                       double self_scale, double cross_scale, at::ArrayRef<double> eps) {
+  const int64_t layers = static_cast<int64_t>(w.size()) / kWeights;
+  TORCH_CHECK_VALUE(layers >= 1 && static_cast<int64_t>(w.size()) == kWeights * layers, "layers_step: ", kWeights,
+                    " weights per layer, got ", w.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(c.size()) == 4 * layers + 1 && static_cast<int64_t>(eps.size()) == 3 * layers,
+                    "layers_step: 4 caches and 3 epsilons per layer, then the cross bias");
+  TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
+                    "layers_step: x must be a float32 CPU matrix [rows, hidden]");
+  const int64_t rows = x_in.size(0), d = x_in.size(1);
+  TORCH_CHECK_VALUE(rows >= 1 && rows <= 8, "layers_step: 1 to 8 rows, got ", rows);
+  TORCH_CHECK_VALUE(heads >= 1 && d % heads == 0, "layers_step: hidden size ", d, " not divisible by ", heads, " heads");
+  TORCH_CHECK_VALUE(d % kChunk == 0, "layers_step: hidden size ", d, " is not a multiple of ", kChunk);
+  check_weight(w[12], "layers_step: fc1 of layer 0", -1, d);
+  TORCH_CHECK_VALUE(c[0].dim() == 4, "layers_step: self-attention keys of layer 0 must be [rows, heads, positions, head dim]");
+  const int64_t hd = d / heads, ffn = w[12].size(0), cap = c[0].size(2);
+  TORCH_CHECK_VALUE(ffn % kChunk == 0, "layers_step: feed-forward width ", ffn, " is not a multiple of ", kChunk);
+  TORCH_CHECK_VALUE(pos >= 0 && pos < cap, "layers_step: position ", pos, " outside the cache of ", cap, " positions");
   const at::Tensor& bias = c[4 * layers];
-  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == rows, "layers_step: cross bias must be [rows, text]");
+  TORCH_CHECK_VALUE(bias.dim() == 2, "layers_step: cross bias must be [rows, text]");
+  const int64_t text = bias.size(1);
+  TORCH_CHECK_VALUE(text >= 1, "layers_step: empty text");
+  check_tensor(bias, "cross bias", 0, {rows, text});
+  const char* names[kWeights] = {"ln1 weight", "ln1 bias", "q", "k", "v", "self_out", "ln2 weight", "ln2 bias",
+                                 "cross_q", "cross_out", "ln3 weight", "ln3 bias", "fc1", "fc2"};
   for (int64_t l = 0; l < layers; ++l) {
-    TORCH_CHECK(pos >= 0 && pos < c[4 * l].size(2), "layers_step: position ", pos, " outside the cache");
-    TORCH_CHECK(c[4 * l + 2].size(2) == bias.size(1), "layers_step: text length differs from the bias");
-    TORCH_CHECK(w[12 * l + 2].size(1) * kChunk == d && w[12 * l + 10].size(0) == w[10].size(0),
-                "layers_step: weights do not match the hidden size");
+    const at::Tensor* lw = &w[kWeights * l];
+    for (int64_t i = 0; i < kWeights; ++i) {
+      const std::string what = std::string("layers_step: ") + names[i] + " of layer " + std::to_string(l);
+      const int64_t out = i == 12 ? ffn : d, in = i == 13 ? ffn : d;
+      if (i == 0 || i == 1 || i == 6 || i == 7 || i == 10 || i == 11)
+        check_tensor(lw[i], names[i], l, {d});
+      else
+        check_weight(lw[i], what.c_str(), out, in);
+    }
+    check_tensor(c[4 * l], "self-attention keys", l, {rows, heads, cap, hd});
+    check_tensor(c[4 * l + 1], "self-attention values", l, {rows, heads, cap, hd});
+    check_tensor(c[4 * l + 2], "text keys", l, {rows, heads, text, hd});
+    check_tensor(c[4 * l + 3], "text values", l, {rows, heads, text, hd});
   }
-  Scratch buf(rows, d, w[10].size(0) * kBlockRows);
+  at::Tensor x = x_in.contiguous().clone();
+  Scratch buf(rows, d, ffn);
   float* xp = x.data_ptr<float>();
   for (int64_t l = 0; l < layers; ++l) {
-    layer_impl(xp, rows, d, heads, &w[12 * l], c[4 * l], c[4 * l + 1], c[4 * l + 2], c[4 * l + 3],
-               bias.data_ptr<float>(), pos, static_cast<float>(cross_scale), &eps[3 * l], buf);
+    layer_impl(xp, rows, d, heads, &w[kWeights * l], c[4 * l], c[4 * l + 1], c[4 * l + 2], c[4 * l + 3],
+               bias.data_ptr<float>(), pos, static_cast<float>(self_scale), static_cast<float>(cross_scale),
+               &eps[3 * l], buf);
   }
   return x;
 }
@@ -333,8 +408,8 @@ at::Tensor layers_step(const at::Tensor& x_in, at::TensorList w, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY(tydust, m) {
-  m.def("skinny_mm(Tensor x, Tensor wb) -> Tensor");
-  m.def("layers_step(Tensor x, Tensor[] weights, Tensor[] caches, int pos, int heads, float cross_scale, float[] eps) -> Tensor");
+  m.def("skinny_mm(Tensor x, Tensor[] weights) -> Tensor");
+  m.def("layers_step(Tensor x, Tensor[] weights, Tensor[] caches, int pos, int heads, float self_scale, float cross_scale, float[] eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tydust, CPU, m) {

@@ -18,7 +18,7 @@ MusicGen decoder math directly on the model's weights instead of through
   bandwidth only as ``W @ xᵀ`` (a skinny GEMM), not as ``x @ Wᵀ`` (which is what
   ``nn.Linear`` does; measured 3–4× slower here), so the step uses the former —
   or, where a C++ compiler is present, :mod:`tydust_gen.model.cpu_kernel`, which streams
-  a blocked copy of each weight closer still to the memory's read rate.
+  the model's own weights (no copy) closer still to the memory's read rate.
   ``int8=True`` swaps every per-step projection for fbgemm's dynamic int8 linear
   with per-channel weight scales: a quarter of the bytes per step, at a small,
   measured quality cost (see docs/BENCHMARKS.md).
@@ -85,17 +85,17 @@ class _Dense:
         weight: ``[out, in]`` in the compute dtype, or None when only ``packed`` is used.
         packed: fbgemm prepacked int8 weights (CPU int8 mode), or None.
         skinny: use ``(W @ xᵀ)ᵀ`` for small row counts (CPU fp32).
-        blocked: the weight blocked for :mod:`tydust_gen.model.cpu_kernel` (CPU fp32 when
-            the kernel is built), used for up to ``cpu_kernel.MAX_ROWS`` rows; or None.
+        native: ``weight`` is read by :mod:`tydust_gen.model.cpu_kernel` for up to
+            ``cpu_kernel.MAX_ROWS`` rows (CPU fp32 when the kernel is built).
     """
 
-    __slots__ = ("weight", "packed", "skinny", "blocked")
+    __slots__ = ("weight", "packed", "skinny", "native")
 
-    def __init__(self, weight, packed=None, skinny: bool = False, blocked=None):
+    def __init__(self, weight, packed=None, skinny: bool = False, native: bool = False):
         self.weight = weight
         self.packed = packed
         self.skinny = skinny
-        self.blocked = blocked
+        self.native = native
 
     def __call__(self, x):
         """``x [..., in]`` → ``[..., out]``."""
@@ -106,14 +106,51 @@ class _Dense:
         x2 = x.reshape(-1, x.shape[-1])
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
-        elif self.blocked is not None and x2.shape[0] <= cpu_kernel.MAX_ROWS:
-            y = torch.ops.tydust.skinny_mm(x2, self.blocked)
+        elif self.native and x2.shape[0] <= cpu_kernel.MAX_ROWS:
+            y = torch.ops.tydust.skinny_mm(x2, [self.weight])
         elif self.skinny and x2.shape[0] <= SKINNY_MAX_ROWS:
             # x must be row-major so that xᵀ is column-major: MKL's fast skinny kernel
             # wants it so (a row-major [in, rows] operand ran fc2 at a fifth of the bandwidth).
             y = torch.mm(self.weight, x2.contiguous().t()).t()
         else:
             y = F.linear(x2, self.weight)
+        return y.reshape(*lead, y.shape[-1])
+
+
+class _Stacked:
+    """Several projections of the same input, outputs side by side, as one fused matrix would give.
+
+    The native kernel reads the model's own q/k/v and output-head weights, so no fused
+    copy is made for it (one copy of the weights in memory); the rare calls that go
+    op by op (prefill, more than ``MAX_ROWS`` rows) run the parts one after another.
+
+    Args:
+        parts: the projections, in output order.
+        first_scale: multiplies the first part's output (1/sqrt(head_dim) on q), or None.
+    """
+
+    __slots__ = ("parts", "first_scale", "native")
+
+    def __init__(self, parts: list[_Dense], first_scale: float | None = None):
+        self.parts = parts
+        self.first_scale = first_scale
+        self.native = all(p.native for p in parts)
+
+    def __call__(self, x):
+        import torch
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.native and x2.shape[0] <= cpu_kernel.MAX_ROWS:
+            # one kernel call (one parallel region) for all parts, outputs side by side
+            y = torch.ops.tydust.skinny_mm(x2, [p.weight for p in self.parts])
+            if self.first_scale is not None:
+                y[:, : self.parts[0].weight.shape[0]] *= self.first_scale
+        else:
+            outs = [p(x2) for p in self.parts]
+            if self.first_scale is not None:
+                outs[0] = outs[0] * self.first_scale
+            y = torch.cat(outs, dim=-1)
         return y.reshape(*lead, y.shape[-1])
 
 
@@ -132,13 +169,13 @@ def _pack_int8(weight):
 class _Layer:
     """Weights of one pre-LN decoder layer, ready for the step function.
 
-    ``native``: this layer's part of ``torch.ops.tydust.layers_step``'s arguments (12
-    tensors: layer norms and blocked projections, see cpu_kernel.cpp; 3 epsilons), or
+    ``native``: this layer's part of ``torch.ops.tydust.layers_step``'s arguments (14
+    tensors: layer norms and the model's projections, see cpu_kernel.cpp; 3 epsilons), or
     None when the layer can only run op by op.
     """
 
     ln_self: tuple
-    qkv: _Dense  # fused self-attention q, k, v: [3D, D]
+    qkv: _Dense | _Stacked  # self-attention q (scaled by 1/sqrt(hd)), k, v: [3D] outputs
     self_out: _Dense
     ln_cross: tuple
     cross_q: _Dense
@@ -159,7 +196,7 @@ class _Prepared:
     positions: Any  # [max_positions, D] sinusoidal table
     layers: list
     final_ln: tuple
-    heads: _Dense  # fused K heads: [K*V, D]
+    heads: _Dense | _Stacked  # the K output heads: [K*V] outputs
     num_heads: int
     head_dim: int
     scale: float  # 1/sqrt(head_dim), the attention score scale
@@ -173,7 +210,13 @@ class _Prepared:
 
 
 def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
-    """Collect (and fuse) the decoder weights; shares tensors with the model where no fusion is needed."""
+    """Collect the decoder weights for the loop.
+
+    With the native CPU kernel every per-step product reads the model's own weight
+    tensors (nothing is copied). Otherwise q/k/v and the K heads are fused into one
+    matrix each (a copy of those weights, one product instead of three or four), and
+    int8 mode packs its own quantised copy; the rest is shared with the model.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -188,8 +231,8 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
     def dense(weight) -> _Dense:
         if int8:
             return _Dense(None, packed=_pack_int8(weight))
-        blocked = cpu_kernel.block_weight(weight) if kernel and cpu_kernel.can_block(weight) else None
-        return _Dense(weight.detach(), skinny=on_cpu, blocked=blocked)
+        weight = weight.detach()
+        return _Dense(weight, skinny=on_cpu, native=kernel and cpu_kernel.can_read(weight))
 
     def ln(mod) -> tuple:
         return (mod.weight.detach(), mod.bias.detach(), mod.eps)
@@ -201,11 +244,14 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
         for proj in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, layer.fc1, layer.fc2):
             if proj.bias is not None:
                 raise GenerationError("the fast backend expects bias-free decoder projections; use --backend stock")
-        # Folding 1/sqrt(head_dim) into the q rows saves one op per layer and step.
-        qkv = torch.cat([sa.q_proj.weight * sa.scaling, sa.k_proj.weight, sa.v_proj.weight], dim=0).detach()
+        if kernel:
+            qkv = _Stacked([dense(sa.q_proj.weight), dense(sa.k_proj.weight), dense(sa.v_proj.weight)], float(sa.scaling))
+        else:
+            # Folding 1/sqrt(head_dim) into the q rows saves one op per layer and step.
+            qkv = dense(torch.cat([sa.q_proj.weight * sa.scaling, sa.k_proj.weight, sa.v_proj.weight], dim=0))
         item = _Layer(
             ln_self=ln_self,
-            qkv=dense(qkv),
+            qkv=qkv,
             self_out=dense(sa.out_proj.weight),
             ln_cross=ln_cross,
             cross_q=dense(ca.q_proj.weight),
@@ -216,21 +262,25 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
             fc1=dense(layer.fc1.weight),
             fc2=dense(layer.fc2.weight),
         )
-        projections = (item.qkv, item.self_out, item.cross_q, item.cross_out, item.fc1, item.fc2)
-        if kernel and all(p.blocked is not None for p in projections) and cfg.activation_function == "gelu":
+        projections = (*(qkv.parts if kernel else [qkv]), item.self_out, item.cross_q, item.cross_out, item.fc1, item.fc2)
+        if kernel and all(p.native for p in projections) and cfg.activation_function == "gelu":
+            q, k, v = qkv.parts
             weights = [
-                ln_self[0], ln_self[1], item.qkv.blocked, item.self_out.blocked,
-                ln_cross[0], ln_cross[1], item.cross_q.blocked, item.cross_out.blocked,
-                ln_ffn[0], ln_ffn[1], item.fc1.blocked, item.fc2.blocked,
-            ]
+                ln_self[0], ln_self[1], q.weight, k.weight, v.weight, item.self_out.weight,
+                ln_cross[0], ln_cross[1], item.cross_q.weight, item.cross_out.weight,
+                ln_ffn[0], ln_ffn[1], item.fc1.weight, item.fc2.weight,
+            ]  # fmt: skip
             item.native = (weights, [float(ln_self[2]), float(ln_cross[2]), float(ln_ffn[2])])
         layers.append(item)
-    heads = torch.cat([h.weight for h in causal_lm.lm_heads], dim=0).detach()
+    if kernel:
+        heads = _Stacked([dense(h.weight) for h in causal_lm.lm_heads])
+    else:
+        heads = dense(torch.cat([h.weight for h in causal_lm.lm_heads], dim=0))
     if cfg.activation_function == "gelu":
         gelu = F.gelu
     else:  # pragma: no cover - every MusicGen checkpoint uses exact GELU
         gelu = dec.layers[0].activation_fn
-    weight_dtype = heads.dtype
+    weight_dtype = causal_lm.lm_heads[0].weight.dtype
     native = None
     if layers and all(layer.native is not None for layer in layers):
         native = (
@@ -239,12 +289,12 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
         )
     return _Prepared(
         native=native,
-        device=heads.device,
+        device=causal_lm.lm_heads[0].weight.device,
         embed=[e.weight.detach() for e in dec.embed_tokens],
         positions=dec.embed_positions.weights.to(weight_dtype),
         layers=layers,
         final_ln=ln(dec.layer_norm),
-        heads=dense(heads),
+        heads=heads,
         num_heads=int(cfg.num_attention_heads),
         head_dim=int(cfg.hidden_size) // int(cfg.num_attention_heads),
         scale=float(dec.layers[0].self_attn.scaling),
@@ -386,7 +436,7 @@ def _native_layers(prep: _Prepared, win: _Window, x, start: int):
     rows = x.shape[0]
     weights, eps = prep.native
     h = torch.ops.tydust.layers_step(
-        x.reshape(rows, prep.hidden), weights, win.native_caches, start, prep.num_heads, prep.scale, eps
+        x.reshape(rows, prep.hidden), weights, win.native_caches, start, prep.num_heads, prep.scale, prep.scale, eps
     )
     return _layer_norm(h.view(rows, 1, prep.hidden), prep.final_ln)
 

@@ -264,6 +264,14 @@ def _kernel_label() -> str | None:
     return None if state is None else state.label
 
 
+def _kernel_build() -> dict[str, Any] | None:
+    """Compiler (path, version) and flags of the native kernel in use, or None (MKL, or not asked for)."""
+    from tydust_gen.model import cpu_kernel
+
+    state = cpu_kernel.status()
+    return None if state is None or not state.available else state.build
+
+
 def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict[str, Any]:
     """The provenance record of a finished take (files with their final paths)."""
     spec = plan.spec
@@ -295,6 +303,8 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "dtype": str(loaded.dtype).replace("torch.", ""),
         # CPU matmul of the fast decode step: "native" (tydust_gen.model.cpu_kernel) or "mkl"; None when unused.
         "cpu_kernel": _kernel_label(),
+        # How the native kernel was built: {"compiler", "compiler_version", "flags"}; None when it did not run.
+        "cpu_kernel_build": _kernel_build(),
         "versions": {**package_versions(), "ffmpeg": ffmpeg.version},
         "ffmpeg": {"path": ffmpeg.path, "source": ffmpeg.source},
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
