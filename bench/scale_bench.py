@@ -43,12 +43,17 @@ sys.path.insert(0, str(REPO / "src"))
 TRACKS = 8
 
 
+class Failed(Exception):
+    """The command exited non-zero; the message is its last error line."""
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")] or proc.stderr.splitlines()[-1:]
+        raise Failed(f"exit {proc.returncode} after {wall:.1f} s: {errors[-1] if errors else ''}")
     return wall, json.loads(proc.stdout)
 
 
@@ -68,7 +73,12 @@ def batch(args, tmp: Path, model: Path, env: dict[str, str]) -> list[dict]:
         for name, extra in configs:
             out = tmp / f"out-{name}-{repeat}"
             load = os.getloadavg()[0]
-            wall, doc = run([*base, "-o", str(out), *extra], tmp, env)
+            try:
+                wall, doc = run([*base, "-o", str(out), *extra], tmp, env)
+            except Failed as exc:  # e.g. Ray's start timing out on an overloaded machine: say so, go on
+                rows.append({"config": name, "repeat": repeat, "failed": str(exc), "loadavg_1min_before": round(load, 2)})
+                print(f"{name:10s} FAILED {exc}   (load average {load:.1f})", flush=True)
+                continue
             takes = doc["tracks"]
             assert len(takes) == TRACKS and all(t["ok"] for t in takes)
             rows.append({
