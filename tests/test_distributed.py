@@ -47,7 +47,14 @@ def cluster(tmp_path_factory):
     from tydust_gen.model import cpu_kernel
 
     cpu_kernel.load()  # built once here, not by two workers at once
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+            break
+        except Exception:  # noqa: BLE001 - Ray gives its raylet a fixed 30 s to register; a busy machine can miss it
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
