@@ -250,3 +250,25 @@ def test_without_ray_installed_the_options_say_what_to_install(workdir, run_cli,
         "error: --workers, --devices and --ray need Ray, which is not installed; pip install 'tydust-gen[ray]'"
     )
     no_leftovers(workdir)
+
+
+def test_rays_cluster_error_printer_stays_off_stdout(capsys):
+    """Ray prints cluster errors ("... the task will be retried") on stdout whatever ``log_to_driver`` says;
+    seen in CI breaking ``--json`` while a killed worker's track was retried."""
+    ray = pytest.importorskip("ray")
+    from ray._private import worker as ray_worker
+
+    from tydust_gen.runs import distributed
+
+    before = ray_worker._worker_logs_enabled
+    line = {"lines": [f"task {time.monotonic_ns()} failed, so the task will be retried"], "pid": "raylet", "is_err": False}
+    try:
+        distributed._quiet_ray_stdout(ray, worker_logs=True)
+        ray_worker.print_to_stdstream(dict(line), ignore_prefix=False)
+        assert "will be retried" in capsys.readouterr().out  # the printer Ray runs in every driver
+        line["lines"] = [line["lines"][0] + " again"]
+        distributed._quiet_ray_stdout(ray, worker_logs=False)
+        ray_worker.print_to_stdstream(dict(line), ignore_prefix=False)
+        assert capsys.readouterr().out == ""
+    finally:
+        ray_worker._worker_logs_enabled = before

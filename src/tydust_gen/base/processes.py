@@ -59,6 +59,24 @@ def kill_tree(proc: subprocess.Popen) -> None:
         proc.wait(timeout=KILL_WAIT_S)
 
 
+def is_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as alive)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_self_now() -> None:
+    """End this process at once, as the kernel's OOM killer or ``kill -9`` would (a test hook's tool)."""
+    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 class _Tracked(subprocess.Popen):
     live: list["_Tracked"] = []
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from tydust_gen.base import processes
 from tydust_gen.base.errors import DeviceError, EnvironmentProblem, ExportError, ModelError, SettingsError, TydustError, UsageError
 from tydust_gen.export.ffmpeg import Ffmpeg
 from tydust_gen.export.staging import Staging, output_paths
@@ -349,18 +350,8 @@ def _sweep_private_folders() -> None:
         return
     for folder in root.iterdir():
         pid = folder.name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not processes.is_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _maybe_die(track: str, step: int) -> None:
@@ -377,10 +368,22 @@ def _maybe_die(track: str, step: int) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    processes.kill_self_now()
 
 
 # --------------------------------------------------------------------------- the driver side
+
+
+def _quiet_ray_stdout(ray, worker_logs: bool) -> None:
+    """Keep Ray's own messages off stdout unless the user asked for the workers' output.
+
+    Whatever ``log_to_driver`` says, a Ray driver runs a thread that prints cluster errors (for example
+    "... so the task will be retried") on *stdout*, where they break ``--json``. Ray's debugger turns the
+    same printer off through this module flag; our listener already reports retries and failures.
+    """
+    worker_module = getattr(getattr(ray, "_private", None), "worker", None)
+    if worker_module is not None and hasattr(worker_module, "_worker_logs_enabled"):
+        worker_module._worker_logs_enabled = worker_logs
 
 
 def _import_ray(private: bool):
@@ -501,6 +504,7 @@ class RayScaleOut:
             # ray.init installs a SIGTERM handler that exits at once; ours turns SIGTERM into a clean stop
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, old_term)
+        _quiet_ray_stdout(ray, r.worker_logs)
         return True
 
     def _slots(self, ray, plans: list[TrackPlan]) -> list[WorkerSlot]:
