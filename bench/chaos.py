@@ -112,6 +112,11 @@ def hit(proc: subprocess.Popen, sig: signal.Signals) -> None:
         pass
 
 
+def write_results(path: Path, counts: dict, span: float, trials: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"counts": counts, "undisturbed_run_s": span, "trials": trials}, indent=1) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=200)
@@ -173,10 +178,11 @@ def main() -> int:
             for p in procs:
                 if p.stderr:
                     p.stderr.close()
+            if args.out:  # after every trial, so a campaign cut short still reports what it saw
+                write_results(args.out, counts, span, trials)
     print(json.dumps(counts))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"counts": counts, "undisturbed_run_s": span, "trials": trials}, indent=1) + "\n")
+        write_results(args.out, counts, span, trials)
     return 0 if counts["lost"] == counts["mixed"] == counts["leftovers"] == 0 else 1
 
 
