@@ -3,7 +3,7 @@
 Not part of the test suite (it runs for many minutes). Each trial starts real
 ``tydust-gen`` processes on the tiny random model and hits one of them with
 SIGINT, SIGTERM or SIGKILL after a delay drawn uniformly from zero to the
-length of an undisturbed run, in one of three situations:
+length of an undisturbed run (the median of the last few clean runs), in one of three situations:
 
 * ``fresh``: no take exists yet (no ``--force``);
 * ``force``: a complete take exists and the run replaces it with ``--force``;
@@ -44,6 +44,7 @@ SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal
 SITUATIONS = ("fresh", "force", "concurrent")
 DURATION_S = "1.0"  # seconds of music per take: long enough for every stage to take a visible share
 RUN_TIMEOUT_S = 300
+RECENT_RUNS = 5  # clean runs whose median length is the range of the next delay
 
 
 def sha256(path: Path) -> str:
@@ -160,7 +161,10 @@ def main() -> int:
             lost = before[0] == "complete" and after[0] != "complete"
             mixed = after[0] == "mixed"
             # the next clean run: it must succeed and leave nothing else behind
-            next_code, _ = c.run(out, 4000 + n, True)
+            next_code, next_took = c.run(out, 4000 + n, True)
+            # The machine's load changes during a long campaign: the delays follow the recent clean runs' length.
+            lengths = (lengths + [next_took])[-RECENT_RUNS:]
+            span = statistics.median(lengths)
             after_next = take_state(out)
             left = leftovers(out)
             mixed = mixed or after_next[0] != "complete"
