@@ -305,3 +305,42 @@ def test_published_files_get_the_umask_mode(workdir, run_cli, umask):
     assert result.exit_code == 0, result.stderr
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (workdir / "out").iterdir()}
     assert modes == dict.fromkeys(["game_over.json", "game_over.mp3", "game_over.ogg", "game_over.png"], 0o666 & ~umask)
+
+
+def _sleeper_pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our zombie, so a dead child does not count
+        except ChildProcessError:
+            pass
+        if processes.is_alive(pid):
+            alive.append(pid)
+    return alive
+
+
+def test_ctrl_c_while_a_child_starts_leaves_no_child(monkeypatch):
+    """SIGINT right after the fork, still inside Popen.__init__ (seen: ffmpeg left writing after Ctrl-C)."""
+    import signal
+
+    import pydub.audio_segment as seg
+
+    pids: list[int] = []
+    real = subprocess.Popen._execute_child
+
+    def started_then_interrupted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        pids.append(self.pid)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode: still in __init__
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", started_then_interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with processes.reaped():
+                seg.subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        assert len(pids) == 1
+        assert _sleeper_pids_alive(pids) == [], "the child started as Ctrl-C came is still running"
+    finally:
+        for pid in _sleeper_pids_alive(pids):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

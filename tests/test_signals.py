@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,109 @@ def test_default_sigterm_kills_right_after_the_block(tmp_path):
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert marker.read_text() == "body finished"
 
+
+# --- interruptible: a long call in a worker, a wait that Ctrl-C ends ----------------------------
+
+
+def test_interruptible_returns_and_raises_like_the_call():
+    assert signals.interruptible(lambda a, b=0: a + b, 2, b=3) == 5
+    with pytest.raises(ZeroDivisionError):
+        signals.interruptible(lambda: 1 / 0)
+
+
+def test_sigint_interrupts_the_wait_not_the_call():
+    """The call is stuck (as in a long native op); SIGINT ends the wait at once, the call ends on its own."""
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def stuck():
+        entered.set()
+        release.wait()
+        finished.set()
+        return "late"
+
+    def interrupt():
+        entered.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt)
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signals.interruptible(stuck)
+        assert not finished.is_set()
+    finally:
+        release.set()
+        sender.join()
+    worker = [t for t in threading.enumerate() if t.name == "tydust-stuck"]
+    for t in worker:
+        t.join()
+    assert finished.is_set()
+
+
+def _long_lstm_codec():
+    """An EnCodec whose LSTM (2 × 512 units; musicgen-small's has 1024) dominates; its convolutions are small."""
+    import torch
+    from transformers import EncodecConfig, EncodecModel
+
+    cfg = EncodecConfig(
+        sampling_rate=100, audio_channels=1, hidden_size=16, num_filters=256, upsampling_ratios=[2],
+        codebook_size=64, codebook_dim=16, num_lstm_layers=2, num_residual_layers=1, target_bandwidths=[1.2],
+        use_conv_shortcut=False, normalize=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return EncodecModel(cfg).eval()
+
+
+def test_decode_answers_sigint_during_encodec_lstm():
+    """EnCodec decode of a whole track: SIGINT during its LSTM (one torch call) is answered before the LSTM ends.
+
+    The bound is relative to the LSTM's own duration (measured here), so machine load does not
+    matter: before the fix the interrupt waited for the whole call.
+    """
+    from types import SimpleNamespace
+
+    import torch
+
+    from tydust_gen.model.generate import decode_codes
+
+    codec = _long_lstm_codec()
+    lstm = codec.decoder.layers[1].lstm
+    marks: dict[str, float] = {}
+    in_lstm = threading.Event()
+
+    def before(module, args):
+        marks["lstm_start"] = time.perf_counter()
+        in_lstm.set()
+
+    def after(module, args, output):
+        marks["lstm_end"] = time.perf_counter()
+
+    lstm.register_forward_pre_hook(before)
+    lstm.register_forward_hook(after)
+    frames = 1500
+    codes = torch.randint(0, 64, (1, 4, frames))
+    loaded = SimpleNamespace(model=SimpleNamespace(audio_encoder=codec), sample_rate=100, frame_rate=50)
+
+    def interrupt():
+        in_lstm.wait()
+        marks["signal"] = time.perf_counter()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine make the LSTM 10x slower
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            decode_codes(loaded, codes)
+        marks["interrupted"] = time.perf_counter()
+    finally:
+        sender.join()
+        torch.set_num_threads(threads)
+    for t in threading.enumerate():
+        if t.name.startswith("tydust-"):
+            t.join()  # the abandoned decode ends on its own
+    latency = marks["interrupted"] - marks["signal"]
+    # before the fix the LSTM ran in this thread and the interrupt came as it returned, before its hook
+    lstm_s = marks.get("lstm_end", marks["interrupted"]) - marks["lstm_start"]
+    assert latency < lstm_s / 3, f"answered SIGINT after {latency:.2f} s; the LSTM call took {lstm_s:.2f} s"

@@ -28,7 +28,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 from typing import Any, Iterator
+
+from tydust_gen.base import signals
 
 KILL_WAIT_S = 5.0  # seconds to wait for a killed child to be reaped
 
@@ -78,13 +81,26 @@ def kill_self_now() -> None:
 
 
 class _Tracked(subprocess.Popen):
+    """A child that :func:`reaped` can kill: tracked from the moment it exists.
+
+    Ctrl-C in the main thread raises ``KeyboardInterrupt`` at the next bytecode,
+    which can be inside ``Popen.__init__`` after the fork: the child then runs
+    but the caller never gets its ``Popen``, and nothing would kill it (ffmpeg
+    went on writing into a staging folder, seen in 4 of 300 interrupted runs).
+    So the start and the tracking happen with SIGINT/SIGTERM held
+    (:func:`signals.deferred`), and under a lock that :func:`reaped`'s cleanup
+    takes too, so a child another thread is starting is killed with the rest.
+    """
+
     live: list["_Tracked"] = []
+    lock = threading.Lock()
 
     def __init__(self, *args, **kwargs):
         for key, value in new_group_options().items():
             kwargs.setdefault(key, value)
-        super().__init__(*args, **kwargs)
-        _Tracked.live.append(self)
+        with signals.deferred(), _Tracked.lock:
+            super().__init__(*args, **kwargs)
+            _Tracked.live.append(self)
 
 
 class _SubprocessShim:
@@ -107,9 +123,12 @@ def reaped() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for proc in _Tracked.live[start:]:
+        with _Tracked.lock:
+            started = _Tracked.live[start:]
+        for proc in started:
             kill_tree(proc)
         raise
     finally:
         seg.subprocess = saved
-        del _Tracked.live[start:]
+        with _Tracked.lock:
+            del _Tracked.live[start:]

@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM held off around the final renames.
+"""SIGINT and SIGTERM: held off around the final renames, answered at once everywhere else.
 
 :func:`deferred` makes a short block uninterruptible by Ctrl-C and SIGTERM: a
 signal that arrives inside it is recorded and delivered right after it, with
@@ -14,8 +14,14 @@ worker threads (and any Python thread) free to take SIGINT; CPython then runs
 the handler in the main thread at its next bytecode and raises inside the
 block. Replacing the handler itself holds the signal whichever thread takes it.
 
+:func:`interruptible` is the other half: a Python handler only runs between
+bytecodes, so one long native call (EnCodec's LSTM over a whole track is one
+torch op of several seconds) would hold Ctrl-C until it returns. The call runs
+in a worker thread while the main thread waits, and a wait is interrupted at
+once.
+
 Handlers can only be set from the main thread, and only the main thread gets
-signal exceptions. In any other thread the block simply runs: no
+signal exceptions. In any other thread both helpers simply run the code: no
 ``KeyboardInterrupt`` can be raised there.
 """
 
@@ -24,9 +30,12 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+WAIT_SLICE_S = 0.1  # s; the main thread's wait on a worker wakes this often (Windows waits are not interrupted)
+
+T = TypeVar("T")
 
 
 def _in_main_thread() -> bool:
@@ -78,3 +87,37 @@ def _restore(saved: list[tuple[int, object]]) -> None:
     finally:
         _restore(rest)
 
+
+def interruptible(fn: Callable[..., T], /, *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)``, run so that SIGINT/SIGTERM interrupt the caller at once.
+
+    From the main thread, ``fn`` runs in a worker thread and the main thread
+    waits; a signal's exception (``KeyboardInterrupt``...) is raised from the
+    wait, and the worker finishes its call on its own, its result dropped
+    (the CLI does not wait for it: it leaves with ``os._exit``). ``fn``'s own
+    exception is re-raised here. Thread-local state (torch's
+    ``inference_mode``) must be set inside ``fn``.
+    """
+    if not _in_main_thread():
+        return fn(*args, **kwargs)
+    outcome: dict[str, object] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    name = f"tydust-{getattr(fn, '__name__', 'work')}"
+    # Not a daemon: a program that goes on after the interrupt and exits normally waits for the
+    # call to end rather than tearing torch down under it.
+    threading.Thread(target=work, name=name).start()
+    while not done.wait(WAIT_SLICE_S):
+        pass
+    error = outcome.pop("error", None)
+    if error is not None:
+        raise error  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from tydust_gen.base import signals
 from tydust_gen.base.errors import GenerationError, SettingsError
 from tydust_gen.base.settings import GenerationSettings, SamplingSettings
 from tydust_gen.model.conditioning import Conditioning
@@ -146,8 +147,14 @@ def decode_codes(loaded: LoadedModel, codes) -> list[Waveform]:
 
     Takes are decoded one at a time: a batched convolution may round differently
     from a single one, and a take of a batch must decode to exactly the samples
-    it has when generated alone from its seed.
+    it has when generated alone from its seed. EnCodec's LSTM and convolutions
+    each run over the whole track in one torch call (seconds for a long track),
+    so the decode runs where Ctrl-C does not wait for it (:func:`signals.interruptible`).
     """
+    return signals.interruptible(_decode_takes, loaded, codes)
+
+
+def _decode_takes(loaded: LoadedModel, codes) -> list[Waveform]:
     import torch
 
     expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
