@@ -17,7 +17,7 @@ import errno
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ WAVEFORM_COLUMNS = 2000  # min/max pairs drawn; enough for the width, far fewer 
 SPECTROGRAM_NFFT = 2048  # samples; ~46 ms at 44.1 kHz, resolves notes down to ~40 Hz apart
 SPECTROGRAM_RANGE_DB = 90.0  # dB shown below the loudest bin
 SEAM_COLOR = "#d62728"
+SECTION_COLOR = "#2ca02c"  # section starts (green, dotted)
 TEMP_NAME_TRIES = 100  # random temporary names tried before giving up (as tempfile does)
 
 
@@ -80,6 +81,7 @@ def render_preview(
     path: str | os.PathLike[str],
     title: str = "",
     loop_seam: int | None = None,
+    sections: Sequence[tuple[float, str]] = (),
 ) -> Path:
     """Write a PNG with the waveform of each channel and a spectrogram of the mix.
 
@@ -91,6 +93,8 @@ def render_preview(
         loop_seam: sample index where the loop wraps (usually ``LOOPSTART +
             LOOPLENGTH``, i.e. N for a whole-file loop), marked by a vertical
             line on both plots; None for no mark.
+        sections: ``(start in seconds, label)`` of each section after the first,
+            marked by a dotted line and its label; starts past the end are not drawn.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -143,6 +147,14 @@ def render_preview(
                 "loop", (seam_t, 1.0), color=SEAM_COLOR, xytext=(-4, -2), textcoords="offset points",
                 ha="right", va="top", fontsize=8,
             )  # fmt: skip
+        for start, label in sections:
+            if 0 < start < duration:
+                for ax in axes:
+                    ax.axvline(start, color=SECTION_COLOR, linewidth=1.0, linestyle=":")
+                axes[0].annotate(
+                    label, (start, 1.0), color=SECTION_COLOR, xytext=(3, -2), textcoords="offset points",
+                    ha="left", va="top", fontsize=8,
+                )  # fmt: skip
         if title:
             fig.suptitle(title)
         fig.tight_layout()

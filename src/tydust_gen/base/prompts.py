@@ -29,6 +29,20 @@ A track ``NAME`` is ``<prompts dir>/NAME.toml`` or ``<prompts dir>/NAME.txt``.
       variations = 1                # takes in one batched generation
       preview = false               # also write NAME.png
 
+      [[section]]                   # optional: the track moves through sections (see below)
+      at = 20                       # seconds from the start
+      prompt = "the build: drums enter, rising synth arpeggio"
+      guidance_scale = 4.0          # optional, this section's own
+
+Sections: each ``[[section]]`` table starts at ``at`` seconds and lasts until
+the next one (or the end). Generation puts a window boundary at every section
+start, and each window is conditioned on the section it produces while its
+audio context carries across, so the music changes without a cut. A top-level
+``prompt`` is then optional: it plays from 0 s until the first section; without
+one the first section must start at 0. Sections are listed in time order, at
+least :data:`MIN_SECTION_S` apart, and each start must fall inside the track
+(checked against the duration when the run is planned, :func:`check_sections`).
+
 Unknown keys and malformed TOML are errors naming the file and line. Having both
 ``NAME.toml`` and ``NAME.txt`` is an error too: which one wins would be a guess.
 Text that the MP3 and OGG tags could not carry as typed is refused here, before
@@ -37,6 +51,7 @@ the model loads (:func:`check_tag_text`).
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -54,13 +69,31 @@ else:  # pragma: no cover
 PROMPT_SUFFIXES = (".toml", ".txt")
 DEFAULT_PROMPTS_DIR = "prompts"
 METADATA_KEYS = ("prompt", "title", "genre", "folder", "bpm")
-ALLOWED_KEYS = METADATA_KEYS + tuple(SETTING_PARSERS) + tuple(MASTERING_PARSERS)
+SECTION_TABLE = "section"  # [[section]]
+SECTION_KEYS = ("at", "prompt", "guidance_scale")
+MIN_SECTION_S = 1.0  # seconds; a shorter section would be a window of a few frames, no musical change
+ALLOWED_KEYS = METADATA_KEYS + tuple(SETTING_PARSERS) + tuple(MASTERING_PARSERS) + (SECTION_TABLE,)
 _TRACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # ID3 reads a genre that is a number, "RX", "CR", or starts with "(13)" / "((" as an ID3v1
 # genre code (mutagen rewrites "13" to "Pop" on save, players show "Pop"). \d is any decimal digit.
 _ONE_LINE_FIELDS = ("title", "genre")  # ID3 text frames; the comment (COMM) may hold line breaks
 _ID3_GENRE_CODE = re.compile(r"\d+|RX|CR|\((?:\d+|RX|CR)\).*|\(\(.*", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One stretch of a track with its own prompt.
+
+    Attributes:
+        at: start, in seconds from the start of the track.
+        prompt: the text the windows of this section are conditioned on.
+        guidance_scale: this section's classifier-free guidance weight (None: the track's).
+    """
+
+    at: float
+    prompt: str
+    guidance_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,9 @@ class TrackSpec:
         bpm: tempo tag (None if not given).
         settings: generation settings from the file, already validated
             (keys of :data:`tydust_gen.base.settings.SETTING_PARSERS`).
+        sections: the track's sections in time order, the first at 0 s (a top-level
+            prompt becomes that first section); empty for a one-prompt track. ``prompt``
+            is then the first section's prompt.
     """
 
     name: str
@@ -87,6 +123,14 @@ class TrackSpec:
     folder: str | None = None
     bpm: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    sections: tuple[Section, ...] = ()
+
+    @property
+    def described(self) -> str:
+        """The prompt as the tags and messages give it: with sections, each one's start and prompt."""
+        if not self.sections:
+            return self.prompt
+        return " / ".join(f"[{s.at:g} s] {s.prompt}" for s in self.sections)
 
 
 def available_tracks(prompts_dir: Path) -> list[str]:
@@ -223,17 +267,24 @@ def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> Trac
             f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
             f"allowed: {', '.join(ALLOWED_KEYS)}"
         )
-    if "prompt" not in data:
+    prompt = None
+    if "prompt" in data:
+        if not isinstance(data["prompt"], str):
+            raise PromptError(f"{path}: prompt must be a string")
+        prompt = _clean_prompt(data["prompt"], path)
+    sections = _parse_sections(data.get(SECTION_TABLE), prompt, path) if SECTION_TABLE in data else ()
+    if prompt is None and not sections:
         raise PromptError(f'{path} has no prompt; add a line like prompt = "calm synth menu music"')
-    if not isinstance(data["prompt"], str):
-        raise PromptError(f"{path}: prompt must be a string")
-    prompt = _clean_prompt(data["prompt"], path)
+    if prompt is None:
+        prompt = sections[0].prompt
     genre = _str_field(data, "genre", path)
     folder = _str_field(data, "folder", path)
     title = _str_field(data, "title", path) or name
     for key, value in (("prompt", prompt), ("title", title), ("genre", genre)):
         if value is not None:
             check_tag_text(key, value, path)
+    for number, section in enumerate(sections, start=1):
+        check_tag_text(f"section {number}'s prompt", section.prompt, path)
     sub = folder or genre
     if sub is not None and not _FOLDER_NAME.fullmatch(sub):
         what = "folder" if folder else "genre"
@@ -257,4 +308,68 @@ def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> Trac
         folder=sub,
         bpm=float(bpm) if bpm is not None else None,
         settings=settings,
+        sections=sections,
     )
+
+
+def _parse_sections(raw: Any, top_prompt: str | None, path: Path) -> tuple[Section, ...]:
+    """The ``[[section]]`` tables, checked and in order, with a top-level prompt as a first section at 0 s."""
+    example = '[[section]] tables, e.g.\n[[section]]\nat = 20\nprompt = "the build"'
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise PromptError(f"{path}: section must be {example.splitlines()[0]} tables with at and prompt")
+    if not raw:
+        raise PromptError(f"{path}: section is empty; add [[section]] tables with at and prompt, or remove it")
+    sections = [Section(0.0, top_prompt)] if top_prompt is not None else []
+    for number, table in enumerate(raw, start=1):
+        where = f"{path}: section {number}"
+        unknown = sorted(set(table) - set(SECTION_KEYS))
+        if unknown:
+            raise PromptError(f"{where} has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; allowed: {', '.join(SECTION_KEYS)}")
+        at = table.get("at")
+        if at is None:
+            raise PromptError(f"{where} has no start; add at = SECONDS")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at < 0:
+            raise PromptError(f"{where}: at must be a number of seconds, 0 or more, got {at!r}")
+        text = table.get("prompt")
+        if text is None:
+            raise PromptError(f'{where} (at {at:g} s) has no prompt; add prompt = "..."')
+        if not isinstance(text, str) or not text.split():
+            raise PromptError(f"{where} (at {at:g} s) has an empty prompt; describe the music of that section")
+        guidance = None
+        if "guidance_scale" in table:
+            try:
+                guidance = SETTING_PARSERS["guidance_scale"](table["guidance_scale"])
+            except SettingsError as exc:
+                raise SettingsError(f"{where}: {exc}") from None
+        section = Section(float(at), " ".join(text.split()), guidance)
+        if sections:
+            before = sections[-1]
+            if section.at <= before.at:
+                what = "the top-level prompt, which plays from 0 s" if top_prompt is not None and len(sections) == 1 else f"the section before it at {before.at:g} s"
+                raise PromptError(
+                    f"{where} starts at {section.at:g} s, not after {what}; sections must not overlap: list them in time order"
+                    + ("" if before.at else ", or remove the top-level prompt")
+                )
+            if section.at - before.at < MIN_SECTION_S:
+                raise PromptError(f"{where} starts {section.at - before.at:g} s after the one before; sections must be at least {MIN_SECTION_S:g} s long")
+        elif section.at > 0:
+            raise PromptError(
+                f"{where} starts at {section.at:g} s and nothing plays before it; start the first section at 0, "
+                "or add a top-level prompt for the opening"
+            )
+        sections.append(section)
+    return tuple(sections)
+
+
+def check_sections(spec: TrackSpec, duration_s: float) -> None:
+    """Refuse sections that start at or past the end of a track of ``duration_s`` seconds (or end within a second of it).
+
+    Raises:
+        PromptError: names the prompt file, the section and the duration.
+    """
+    for section in spec.sections:
+        if section.at > 0 and section.at > duration_s - MIN_SECTION_S:
+            raise PromptError(
+                f"{spec.path}: the section at {section.at:g} s starts past the end of the {duration_s:g} s track "
+                f"(sections need {MIN_SECTION_S:g} s before the end); use a longer --duration or an earlier at"
+            )

@@ -18,12 +18,14 @@ class Conditioning:
         mask: ``[B', L]`` attention mask (int64, 1 = real token).
         batch_size: B, the number of prompts/takes.
         guidance_scale: the CFG weight the hidden states were built for.
+        texts: the prompts, one per take (what the hidden states say).
     """
 
     hidden: Any
     mask: Any
     batch_size: int
     guidance_scale: float
+    texts: tuple[str, ...] = ()
 
     @property
     def guided(self) -> bool:
@@ -57,7 +59,16 @@ def encode_text(loaded: LoadedModel, prompts: list[str], guidance_scale: float) 
         if guidance_scale > 1.0:
             hidden = torch.cat([hidden, torch.zeros_like(hidden)], dim=0)
             mask = torch.cat([mask, torch.zeros_like(mask)], dim=0)
-    return Conditioning(hidden=hidden, mask=mask, batch_size=len(prompts), guidance_scale=guidance_scale)
+    return Conditioning(hidden=hidden, mask=mask, batch_size=len(prompts), guidance_scale=guidance_scale, texts=tuple(prompts))
+
+
+@dataclass(frozen=True)
+class SectionConditioning:
+    """The conditioning of one section of a track: from ``start_s`` on, windows see ``cond`` and sample with ``sampling``."""
+
+    start_s: float
+    cond: Conditioning
+    sampling: Any  # SamplingSettings (its guidance_scale may be the section's own)
 
 
 def token_count(loaded: LoadedModel, prompt: str) -> tuple[int, int | None]:

@@ -15,12 +15,12 @@ track, so a seed reproduces a track on the same device and dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from tydust_gen.base import signals
 from tydust_gen.base.errors import GenerationError, SettingsError
 from tydust_gen.base.settings import GenerationSettings, SamplingSettings
-from tydust_gen.model.conditioning import Conditioning
+from tydust_gen.model.conditioning import Conditioning, SectionConditioning
 from tydust_gen.model.loading import LoadedModel
 
 #: progress(done_steps, total_steps) — decoding steps across all windows of a track.
@@ -84,6 +84,7 @@ def generate_codes(
     backend: CodeBackend,
     progress: ProgressCallback | None = None,
     take_seeds: list[int] | None = None,
+    sections: Sequence[SectionConditioning] = (),
 ) -> tuple[Any, list[Window], int]:
     """Generate all codes of a track, window by window.
 
@@ -92,6 +93,12 @@ def generate_codes(
     windows, so a take equals a single-row run with that seed. Without, all
     rows draw from torch's global RNG seeded with ``settings.seed``, exactly
     as transformers' ``generate`` does.
+
+    With ``sections`` (the first starting at 0 s) a window boundary falls on
+    every section start and each window is conditioned on, and samples with the
+    settings of, the section its new frames belong to; ``cond`` is then unused.
+    The codes of earlier windows are the context as usual, so the music carries
+    across a section start.
 
     Returns:
         ``(codes [B, K, T] int64, windows, steps)``.
@@ -103,7 +110,10 @@ def generate_codes(
 
     total, window_frames, stride_frames = frames_for(settings, loaded.frame_rate)
     check_window_fits(loaded, min(window_frames, total))
-    windows = plan_windows(total, window_frames, stride_frames)
+    if sections and sections[0].start_s != 0:
+        raise ValueError("the first section must start at 0 s")
+    starts = [round(sc.start_s * loaded.frame_rate) for sc in sections[1:]]
+    windows = plan_windows(total, window_frames, stride_frames, starts)
     total_steps = sum(window_steps(w, loaded.num_codebooks) for w in windows)
     done = 0
 
@@ -122,12 +132,15 @@ def generate_codes(
         if not getattr(backend, "supports_take_generators", False):
             raise SettingsError(f"the {backend.name} backend cannot give each take its own seed; use --backend fast")
         extra["generators"] = [torch.Generator(device=loaded.device).manual_seed(s) for s in take_seeds]
+    if sections and any(sc.cond.batch_size != sections[0].cond.batch_size for sc in sections):
+        raise ValueError("every section's conditioning must have the same batch size")
     codes = None
     try:
         with torch.inference_mode():
             for w in windows:
                 prefix = None if w.context_frames == 0 else codes[:, :, -w.context_frames :]
-                new = backend.generate_window(loaded, cond, prefix, w.new_frames, settings.sampling, on_step, **extra)
+                window_cond, sampling = (sections[w.section].cond, sections[w.section].sampling) if sections else (cond, settings.sampling)
+                new = backend.generate_window(loaded, window_cond, prefix, w.new_frames, sampling, on_step, **extra)
                 if new.shape[-1] != w.new_frames:
                     raise GenerationError(
                         f"the {backend.name} backend returned {new.shape[-1]} frames instead of {w.new_frames}"

@@ -5,12 +5,18 @@ seconds; every further window is prompted with the last ``window - stride``
 seconds of codes and adds up to ``stride`` seconds of new codes. The prefix is
 kept token for token, so a track has exactly ``ceil(duration × frame_rate)``
 frames with nothing repeated or missing at a join.
+
+A track in sections (``[[section]]`` in the prompt file) also needs a window
+boundary at every section start, so that each window's new frames belong to
+one section and can be conditioned on its text: a window that would cross a
+start ends there, and the next begins there with the usual context.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from tydust_gen.base.errors import SettingsError
 from tydust_gen.base.settings import GenerationSettings
@@ -24,10 +30,12 @@ class Window:
     Attributes:
         context_frames: frames of earlier codes re-fed as prompt (0 for the first).
         new_frames: frames this pass adds.
+        section: index of the section the new frames belong to (0 without sections).
     """
 
     context_frames: int
     new_frames: int
+    section: int = 0
 
 
 def window_steps(window: Window, num_codebooks: int) -> int:
@@ -35,11 +43,16 @@ def window_steps(window: Window, num_codebooks: int) -> int:
     return window.new_frames + num_codebooks - 1
 
 
-def plan_windows(total_frames: int, window_frames: int, stride_frames: int) -> list[Window]:
+def plan_windows(total_frames: int, window_frames: int, stride_frames: int, section_starts: Sequence[int] = ()) -> list[Window]:
     """Split ``total_frames`` into overlapping passes (audiocraft's extend_stride).
 
+    ``section_starts`` are the frames where sections 1, 2, ... begin (section 0
+    begins at frame 0); a pass never crosses one.
+
     >>> plan_windows(4500, 1500, 900)[:3]
-    [Window(context_frames=0, new_frames=1500), Window(context_frames=600, new_frames=900), Window(context_frames=600, new_frames=900)]
+    [Window(context_frames=0, new_frames=1500, section=0), Window(context_frames=600, new_frames=900, section=0), Window(context_frames=600, new_frames=900, section=0)]
+    >>> plan_windows(2000, 1500, 900, section_starts=[500])
+    [Window(context_frames=0, new_frames=500, section=0), Window(context_frames=500, new_frames=900, section=1), Window(context_frames=600, new_frames=600, section=1)]
     """
     if total_frames <= 0:
         raise SettingsError("the track must be at least one frame long")
@@ -48,13 +61,23 @@ def plan_windows(total_frames: int, window_frames: int, stride_frames: int) -> l
             f"stride must be shorter than the window and at least one frame "
             f"(got window {window_frames} frames, stride {stride_frames}); e.g. --window 30 --stride 18"
         )
-    first = min(total_frames, window_frames)
-    windows = [Window(0, first)]
+    starts = list(section_starts)
+    if any(b <= a for a, b in zip([0, *starts], starts)) or (starts and starts[-1] >= total_frames):
+        raise SettingsError(f"section starts {starts} must increase and fall inside the track's {total_frames} frames")
+
+    def section_at(frame: int) -> int:
+        return sum(start <= frame for start in starts)
+
+    def room(done: int) -> int:  # frames until the next section start (or the end)
+        return min([s for s in starts if s > done] + [total_frames]) - done
+
+    first = min(total_frames, window_frames, room(0))
+    windows = [Window(0, first, 0)]
     done = first
     context = window_frames - stride_frames
     while done < total_frames:
-        new = min(stride_frames, total_frames - done)
-        windows.append(Window(min(context, done), new))
+        new = min(stride_frames, room(done))
+        windows.append(Window(min(context, done), new, section_at(done)))
         done += new
     return windows
 

@@ -125,12 +125,14 @@ def check_prompt_lengths(loaded, plans: list[TrackPlan]) -> None:
     from tydust_gen.model.conditioning import token_count
 
     for plan in plans:
-        n, limit = token_count(loaded, plan.spec.prompt)
-        if limit is not None and n > limit:
-            raise UsageError(
-                f"the prompt of {plan.spec.name!r} is {n} tokens long but the model reads at most {limit}; "
-                f"shorten {plan.spec.path} (it would be cut off)"
-            )
+        texts = [(f"the section at {s.at:g} s of {plan.spec.name!r}", s.prompt) for s in plan.spec.sections]
+        for what, text in texts or [(f"the prompt of {plan.spec.name!r}", plan.spec.prompt)]:
+            n, limit = token_count(loaded, text)
+            if limit is not None and n > limit:
+                raise UsageError(
+                    f"{what} is {n} tokens long but the model reads at most {limit}; "
+                    f"shorten {plan.spec.path} (it would be cut off)"
+                )
 
 
 # --------------------------------------------------------------------------- running a batch
@@ -430,6 +432,7 @@ def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
         "preview": str(r.preview) if r.preview else None,
         "steps": r.steps,
         "windows": r.windows,
+        "sections": r.sections,
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
     }
     if status is not None:

@@ -24,7 +24,7 @@ from tydust_gen.audio import master as master_stage
 from tydust_gen.audio import resample as audio
 from tydust_gen.base import faults
 from tydust_gen.base.errors import SettingsError, UsageError
-from tydust_gen.base.prompts import TrackSpec, load_track
+from tydust_gen.base.prompts import TrackSpec, check_sections, load_track
 from tydust_gen.base.settings import (
     MAX_SEED,
     beats_per_bar,
@@ -44,7 +44,7 @@ from tydust_gen.model import generate
 from tydust_gen.model.generate import CodeBackend, ProgressCallback
 from tydust_gen.model.loading import LoadedModel, ModelSource
 from tydust_gen.runs import provenance
-from tydust_gen.model.conditioning import encode_text
+from tydust_gen.model.conditioning import SectionConditioning, encode_text
 
 DEFAULT_OUTPUT_ROOT = Path("assets/music")
 PREVIEW_SUFFIX = ".png"
@@ -99,6 +99,8 @@ class TrackResult:
             and the true peak of each decoded output file.
         loop: loop points (samples at 44.1 kHz) and seam figures, in loop mode.
         preview: the PNG written beside the audio, if asked for.
+        sections: for a track in sections, each one's start, prompt, guidance and the
+            generation windows that were conditioned on it (0-based); None otherwise.
     """
 
     name: str
@@ -115,6 +117,7 @@ class TrackResult:
     loudness: dict[str, Any] | None = None
     loop: dict[str, Any] | None = None
     preview: Path | None = None
+    sections: list[dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -144,6 +147,7 @@ def plan_track(
     spec = load_track(name, prompts_dir)
     settings = resolve_settings(cli_settings, spec.settings)
     mastering = resolve_mastering(cli_settings, spec.settings, settings.duration_s)
+    check_sections(spec, settings.duration_s)
     seed_was_random = settings.seed is None
     if seed_was_random:
         settings = replace(settings, seed=secrets.randbelow(2**RANDOM_SEED_BITS))
@@ -197,8 +201,29 @@ def comment_for(plan: TrackPlan, model_id: str, take: int = 1) -> str:
     """The comment tag: prompt, seed and model id (:func:`model_tag_id`) (and take of a batch), so a file says how it was made."""
     if len(plan.takes) > 1:
         seed = variation_seed(plan.settings.seed, take - 1)
-        return f"{plan.spec.prompt} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_id}"
-    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model_id}"
+        return f"{plan.spec.described} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_id}"
+    return f"{plan.spec.described} | seed={plan.settings.seed} | model={model_id}"
+
+
+def section_conditioning(loaded: LoadedModel, plan: TrackPlan) -> list[SectionConditioning]:
+    """One text conditioning per section of the track (all takes share it); empty for a one-prompt track."""
+    out = []
+    for section in plan.spec.sections:
+        guidance = plan.settings.sampling.guidance_scale if section.guidance_scale is None else section.guidance_scale
+        cond = encode_text(loaded, [section.prompt] * len(plan.takes), guidance)
+        out.append(SectionConditioning(section.at, cond, replace(plan.settings.sampling, guidance_scale=guidance)))
+    return out
+
+
+def section_windows(plan: TrackPlan, windows) -> list[dict[str, Any]] | None:
+    """Each section of the track with the windows (0-based) that were conditioned on it."""
+    if not plan.spec.sections:
+        return None
+    return [
+        {"at_s": sec.at, "prompt": sec.prompt, "guidance_scale": sec.guidance_scale,
+         "windows": [n for n, w in enumerate(windows) if w.section == i]}
+        for i, sec in enumerate(plan.spec.sections)
+    ]  # fmt: skip
 
 
 def render_track(
@@ -257,13 +282,14 @@ def render_takes(
     gen_settings = replace(plan.settings, duration_s=gen_duration)
     t0 = time.perf_counter()
     prompts = [plan.spec.prompt] * len(plan.takes)
-    cond = encode_text(loaded, prompts, plan.settings.sampling.guidance_scale)
+    sections = section_conditioning(loaded, plan)
+    cond = sections[0].cond if sections else encode_text(loaded, prompts, plan.settings.sampling.guidance_scale)
     progress = faults.step_hooked(progress)
     take_seeds = (
         [variation_seed(plan.settings.seed, i) for i in range(len(plan.takes))] if len(plan.takes) > 1 else None
     )
     codes, windows, steps = generate.generate_codes(
-        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds
+        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds, sections=sections
     )
     t1 = time.perf_counter()
     announce("decoding")
@@ -300,6 +326,7 @@ def render_takes(
             windows=len(windows),
             take=index,
             takes=len(plan.takes),
+            sections=section_windows(plan, windows),
         )
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
@@ -316,8 +343,9 @@ def render_takes(
                     from tydust_gen.audio.preview import render_preview
 
                     staged_png = staging.add_extra(f"{take}{PREVIEW_SUFFIX}")
+                    marks = [(sec.at, f"§{i}") for i, sec in enumerate(plan.spec.sections) if i]
                     render_preview(mastered.master.samples, sr, staged_png, title=f"{take}",
-                                   loop_seam=loop_info["loop_length"] if loop_info else None)  # fmt: skip
+                                   loop_seam=loop_info["loop_length"] if loop_info else None, sections=marks)  # fmt: skip
                     result.preview = plan.out_dir / staged_png.name
                 result.loop = loop_info
                 result.loudness = _loudness_figures(m, mastered, dc_offset)

@@ -292,6 +292,8 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
             "text_sha256": hashlib.sha256(spec.prompt.encode()).hexdigest(),
             "file": str(spec.path),
             "file_sha256": sha256_file(spec.path) if spec.path.is_file() else None,
+            # [[section]] tables as the run used them (the first at 0 s); [] for a one-prompt track
+            "sections": [to_jsonable(section) for section in spec.sections],
         },
         "metadata": {"title": spec.title, "genre": spec.genre, "folder": spec.folder, "bpm": spec.bpm},
         # The take's own settings: for a take of a batch of variations its seed is the take's.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tydust_gen.base.errors import UsageError
-from tydust_gen.base.prompts import TrackSpec
+from tydust_gen.base.prompts import Section, TrackSpec
 from tydust_gen.base.variations import variation_names
 from tydust_gen.export import staging as export
 from tydust_gen.export.encode import FFMPEG_TIMEOUT_S
@@ -57,6 +57,9 @@ def plan_from_record(data: dict[str, Any], record_file: Path, out_dir: Path | No
         genre=meta.get("genre"),
         folder=meta.get("folder"),
         bpm=meta.get("bpm"),
+        sections=tuple(
+            Section(float(t["at"]), t["prompt"], t.get("guidance_scale")) for t in data["prompt"].get("sections") or ()
+        ),
     )
     settings = provenance.settings_from_record(data)
     mastering = provenance.mastering_from_record(data)
