@@ -263,3 +263,27 @@ def test_enormous_prompt_is_refused_not_truncated(workdir, run_cli):
         f"shorten {Path('prompts/huge.txt')} (it would be cut off)"
     )
     assert not (workdir / "out").exists()  # refused before any track generated; lock folder removed
+
+
+# --- two tracks, one output -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_two_tracks_that_would_write_the_same_take_are_refused_before_anything(workdir, run_cli, no_model_load, force):
+    """boss with 2 variations writes boss_v2.*, as does a track called boss_v2: with --force the second
+    would have replaced the first's take in the same run."""
+    (workdir / "prompts/boss.toml").write_text('prompt = "dark synth"\nvariations = 2\n')
+    (workdir / "prompts/boss_v2.txt").write_text("calm synth\n")
+    result = run_cli("boss", "boss_v2", "-o", "out", *(["--force"] if force else []))
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"error: tracks 'boss' and 'boss_v2' would both write {Path('out/boss_v2.mp3')}; "
+        "rename one of them or give them different folders"
+    )
+    assert not (workdir / "out").exists()
+
+
+def test_a_track_listed_twice_is_refused(workdir, run_cli, no_model_load):
+    result = run_cli("game_over", "game_over", "-o", "out")
+    assert result.exit_code == 2
+    assert error_line(result) == "error: track 'game_over' is listed twice; name each track once"

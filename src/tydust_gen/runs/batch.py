@@ -265,7 +265,7 @@ def plan_tracks(request: BatchRequest) -> list[TrackPlan]:
     """
     names = track_names(request.tracks, request.all_tracks, request.prompts_dir)
     plans = []
-    seen: set[str] = set()
+    writers: dict[str, str] = {}  # output MP3 of every take -> the track that writes it
     for name in names:
         plan = plan_track(
             name,
@@ -274,12 +274,20 @@ def plan_tracks(request: BatchRequest) -> list[TrackPlan]:
             out_dir=request.out_dir,
             overwrite=request.force or request.skip_existing,
         )
-        key = str(plan.outputs["mp3"].resolve())
-        if key in seen:
+        if any(p.spec.name == name for p in plans):
             raise UsageError(f"track {name!r} is listed twice; name each track once")
-        seen.add(key)
+        for take in plan.takes:
+            path = export.output_paths(plan.out_dir, take)["mp3"]
+            other = writers.setdefault(str(path.resolve()), name)
+            if other != name:
+                # e.g. boss with variations = 2 writes boss_v1, as does a track called boss_v1:
+                # with --force the second would replace the first's take in the same run
+                raise UsageError(
+                    f"tracks {other!r} and {name!r} would both write {path}; rename one of them or give them different folders"
+                )
         plans.append(plan)
     return plans
+
 
 
 def prepare_cpu_kernel(listener: RunListener) -> None:
