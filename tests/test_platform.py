@@ -195,6 +195,28 @@ def test_lock_held_in_another_process_is_busy_in_process(tmp_path):
         locks.acquire(tmp_path, "battle")
 
 
+def test_a_track_named_like_a_take_of_a_running_batch_is_busy(workdir, run_cli):
+    """`boss -n 2` writes boss_v2.*; a concurrent run of a track called boss_v2 (or of
+    `regenerate out/boss_v2.json`) must not write the same files at the same time."""
+    (workdir / "prompts/boss_v2.txt").write_text("calm synth\n")
+    out = workdir / "out"
+    holder = hold(out, "boss_v2")  # as `boss -n 2` holds it while it renders
+    try:
+        busy = run_cli("boss_v2", "-d", "0.3", "-o", "out")
+        assert busy.exit_code == 4, busy.stderr
+        assert "track 'boss_v2' is being written by another tydust-gen" in busy.stderr
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    from tydust_gen.base.errors import TrackBusyError
+    from tydust_gen.runs.locks import TrackLocks
+
+    with TrackLocks() as mine:
+        mine.acquire_takes(out, "boss", ("boss_v1", "boss_v2"))
+        with TrackLocks() as other, pytest.raises(TrackBusyError):
+            other.acquire(out, "boss_v2")
+
+
 # --- stale staging folders ----------------------------------------------------------------
 
 

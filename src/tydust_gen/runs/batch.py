@@ -372,7 +372,7 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
     if plans:
         with TrackLocks() as track_locks:
             for plan in plans:
-                track_locks.acquire(plan.out_dir, plan.spec.name)
+                track_locks.acquire_takes(plan.out_dir, plan.spec.name, plan.takes)
             if scale is not None:
                 rendered, device, load_s = scale.render(
                     plans, source=source, identity=identity, ffmpeg=ffmpeg, force=request.force, listener=listener

@@ -199,6 +199,16 @@ class TrackLocks:
         sweep_staging(out_dir, mine=mine)
         return path
 
+    def acquire_takes(self, out_dir: Path, track: str, takes: tuple[str, ...] | list[str]) -> None:
+        """Lock ``track`` and every take it writes (``TRACK_v2``...), so that another run of a track
+        named like one of the takes (or of ``regenerate`` for one take) cannot write the same files.
+
+        Raises:
+            TrackBusyError, OutputDirError: as :meth:`acquire`.
+        """
+        for name in dict.fromkeys([track, *takes]):
+            self.acquire(out_dir, name)
+
     def release(self) -> None:
         """Remove and unlock every lock file, then remove folders created for them if empty."""
         while self.held:

@@ -169,7 +169,7 @@ def regenerate_take(
     device, _ = loading.resolve_device(device_name or data.get("device", "auto"))
     dtype = getattr(torch, data.get("dtype", ""), None) if device_name is None else None
     with TrackLocks() as track_locks:
-        track_locks.acquire(plan.out_dir, plan.spec.name)
+        track_locks.acquire_takes(plan.out_dir, plan.spec.name, plan.takes)
         listener.info(f"loading {source.ref} on {device}…")
         faults.hook("loading")
         loaded = loading.load_model(source, device, dtype=dtype if isinstance(dtype, torch.dtype) else None)
