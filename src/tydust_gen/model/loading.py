@@ -155,7 +155,19 @@ def resolve_device(name: str):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"{choice} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return device, False
-    raise SettingsError(f"unknown device {name!r}; use auto, cuda or cpu")
+    raise SettingsError(f"unknown device {name!r}; use auto, cuda, cuda:N or cpu")
+
+
+def check_dtype_name(name: str) -> str:
+    """``name`` normalised ("auto", "fp16", "bf16" or "fp32").
+
+    Raises:
+        SettingsError: any other name.
+    """
+    choice = str(name).strip().lower()
+    if choice not in DTYPE_CHOICES:
+        raise SettingsError(f"unknown --dtype {name!r}; use one of: {', '.join(DTYPE_CHOICES)}")
+    return choice
 
 
 def resolve_dtype(name: str, device) -> Any:
@@ -170,14 +182,12 @@ def resolve_dtype(name: str, device) -> Any:
     """
     import torch
 
-    choice = str(name).strip().lower()
+    choice = check_dtype_name(name)
     table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if choice == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if cuda_bf16(device) else torch.float16
-    if choice not in table:
-        raise SettingsError(f"unknown dtype {name!r}; use one of: {', '.join(DTYPE_CHOICES)}")
     if choice == "bf16" and device.type == "cuda" and not cuda_bf16(device):
         raise DeviceError(f"{device} does not support bf16; use --dtype fp16 or auto")
     return table[choice]

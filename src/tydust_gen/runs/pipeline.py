@@ -99,6 +99,8 @@ class TrackResult:
             and the true peak of each decoded output file.
         loop: loop points (samples at 44.1 kHz) and seam figures, in loop mode.
         preview: the PNG written beside the audio, if asked for.
+        decode_path: which decode path ran and the self-check's measured error
+            (:attr:`tydust_gen.model.selfcheck.CheckedBackend.report`), or None for an unchecked backend.
     """
 
     name: str
@@ -115,6 +117,7 @@ class TrackResult:
     loudness: dict[str, Any] | None = None
     loop: dict[str, Any] | None = None
     preview: Path | None = None
+    decode_path: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -300,6 +303,7 @@ def render_takes(
             windows=len(windows),
             take=index,
             takes=len(plan.takes),
+            decode_path=getattr(backend, "report", None),
         )
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
