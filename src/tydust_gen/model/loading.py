@@ -194,14 +194,17 @@ def resolve_dtype(name: str, device) -> Any:
 
 
 def cuda_bf16(device) -> bool:
-    """Whether the GPU ``device`` runs bf16 natively (compute capability 8.0+), not through emulation."""
+    """Whether the GPU ``device`` runs bf16 natively, not through emulation.
+
+    NVIDIA: compute capability 8.0 (Ampere) and later, the test torch's own
+    ``is_bf16_supported(including_emulation=False)`` makes for the current device;
+    asked per device here so ``cuda:N`` is judged by its own card.
+    """
     import torch
 
-    with torch.cuda.device(device):
-        try:
-            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-        except TypeError:  # pragma: no cover - torch before 2.3 had no emulation switch
-            return bool(torch.cuda.is_bf16_supported())
+    if getattr(torch.version, "hip", None):  # pragma: no cover - ROCm decides for itself
+        return bool(torch.cuda.is_bf16_supported())
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
 
 
 def dtype_name(dtype) -> str:
