@@ -276,8 +276,8 @@ def test_cli_nan_during_generation_fails_the_track_and_writes_nothing(workdir, r
     monkeypatch.setattr(selfcheck, "choose", clean_check)
     result = run_cli("game_over", "-d", "0.3", "-o", "out", "--seed", "1")
     assert result.exit_code == 1
-    errors = [line for line in result.stderr.splitlines() if "non-finite" in line]
-    assert len(errors) == 1 and errors[0].startswith("error: game_over: the model produced non-finite logits")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: game_over: the model produced non-finite logits (NaN or inf)")
     assert "Traceback" not in result.stderr
     assert not (workdir / "out").exists() or list((workdir / "out").iterdir()) == []
 
@@ -289,7 +289,7 @@ def _fake_cuda(monkeypatch, cards):
     """torch.cuda as a machine with ``cards`` [(name, total bytes, (major, minor))] would show it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
-    index = lambda d: torch.device("cuda", d).index if not isinstance(d, int) else d  # noqa: E731
+    index = lambda d: d if isinstance(d, int) else torch.device(d).index  # noqa: E731
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(name=cards[index(d)][0]))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=0: (cards[index(d)][1] // 2, cards[index(d)][1]))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=0: cards[index(d)][2])
