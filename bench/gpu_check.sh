@@ -31,7 +31,7 @@ export TYDUST_GPU_REPORT="$DEST/gpu_report.jsonl"
 cat "$DEST/nvidia-smi.txt"
 
 echo "== 1. pytest -m gpu (limit ${GPU_TESTS_S} s)"
-timeout "$GPU_TESTS_S" "$PY" -m pytest -m gpu tests/test_gpu.py -rA -q -p no:cacheprovider \
+timeout "$GPU_TESTS_S" "$PY" -m pytest -m gpu -rA -q -p no:cacheprovider \
     --junitxml "$DEST/gpu_tests.xml" > "$DEST/gpu_tests.log" 2>&1
 tests_status=$?
 tail -n 40 "$DEST/gpu_tests.log"

@@ -330,3 +330,24 @@ def test_doctor_without_cuda_says_so(monkeypatch, workdir, run_cli):
     refused = run_cli("doctor", "--json", "--device", "cuda:0")
     device = {c["name"]: c for c in json.loads(refused.stdout)["checks"]}["device"]
     assert refused.exit_code == 3 and "no CUDA GPU is available" in device["detail"]
+
+
+@pytest.mark.parametrize(("dtype_flag", "expect"), [("auto", torch.bfloat16), ("fp16", torch.float16)])
+def test_device_and_dtype_flow_through_generate(monkeypatch, workdir, run_cli, dtype_flag, expect):
+    """--device cuda:1 and --dtype reach load_model (faked 2-GPU machine; the load itself is stopped)."""
+    from tydust_gen.base.errors import ModelError
+
+    _fake_cuda(monkeypatch, [("GPU A", 24 * 1000**3, (7, 5)), ("GPU B", 80 * 1000**3, (8, 0))])
+    seen = []
+
+    def fake_load(source, device, *, dtype=None, show_download_progress=False):
+        seen.append((device, dtype))
+        raise ModelError("stopped before loading (test)")
+
+    monkeypatch.setattr(loading, "load_model", fake_load)
+    result = run_cli("game_over", "-d", "0.2", "-o", "out", "--device", "cuda:1", "--dtype", dtype_flag)
+    assert result.exit_code == 3 and "stopped before loading (test)" in result.stderr
+    assert seen == [(torch.device("cuda", 1), expect)]  # auto: cuda:1 is judged by its own card (8.0 → bf16)
+    missing = run_cli("game_over", "-d", "0.2", "-o", "out", "--device", "cuda:2")
+    assert missing.exit_code == 3
+    assert missing.stderr.strip() == "error: cuda:2 does not exist: this machine has 2 CUDA device(s)"

@@ -650,22 +650,29 @@ class _StepGraph:
         device = prep.device
         self.tokens = torch.full((rows, prep.num_codebooks, 1), 0, dtype=torch.long, device=device)
         self.pos = torch.tensor([first_pos], dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        # Warm-up on a side stream (cuBLAS workspaces, SDPA kernel choice) before capture;
-        # its cache writes land at first_pos, which the first real step overwrites.
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
+        self.device = device
+        # torch.cuda.graph() captures on a stream of the *current* device: with --device cuda:N
+        # the current device must be N, or the capture stream and the tensors disagree.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            # Warm-up on a side stream (cuBLAS workspaces, SDPA kernel choice) before capture;
+            # its cache writes land at first_pos, which the first real step overwrites.
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
 
     def __call__(self, tokens, pos: int):
+        import torch
+
         self.tokens.copy_(tokens)
         self.pos.fill_(pos)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits
 
 

@@ -379,7 +379,7 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
             else:
                 if fell_back:
                     listener.warn("no CUDA GPU found; generating on the CPU, which is much slower")
-                listener.info(f"loading {request.model_ref} on {device.type}…")
+                listener.info(f"loading {request.model_ref} on {device}…")
                 faults.hook("loading")
                 t_load = time.perf_counter()
                 # The CLI's reporter is `interactive` on a terminal without --quiet: then the first

@@ -214,7 +214,6 @@ def selftest(device_name: str = "cpu") -> Check:
     ``device_name`` (``doctor --device``) picks where it runs, CPU by default; on a GPU it goes
     through the self-check and the fallback ladder like a real run.
     """
-
     from tydust_gen.model import loading as engine
     from tydust_gen.model.backends import make_backend
     from tydust_gen.model.tiny import save_tiny_model
