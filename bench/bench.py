@@ -62,7 +62,9 @@ def build_full_size(device: torch.device, dtype: torch.dtype):
     model = MusicgenForConditionalGeneration(config).eval()
     for key, value in raw["generation"].items():
         setattr(model.generation_config, key, value)
-    model = model.to(device=device, dtype=dtype)
+    # as load_model does: T5 and EnCodec fp32, the decoder in the compute dtype
+    model = model.to(device=device)
+    model.decoder.to(dtype)
     _, processor = build_tiny_model()
     dec = raw["decoder"]
     return LoadedModel(
@@ -254,7 +256,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions per configuration")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"], default="auto")
     ap.add_argument("--parity-positions", type=int, default=24)
     ap.add_argument("--quality", action="store_true", help="measure int8 agreement/KL (CPU)")
     ap.add_argument("--json", default=None, help="default: bench/results/<device type>.json")
@@ -266,7 +268,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    from tydust_gen.model.loading import resolve_dtype
+
+    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the old spellings still work
+    dtype = resolve_dtype(names.get(args.dtype, args.dtype), device)
     impls = (args.impls or ("stock,fast-mkl,fast,fast-int8" if device.type == "cpu" else "stock,fast")).split(",")
     t = time.perf_counter()
     loaded = build_full_size(device, dtype)

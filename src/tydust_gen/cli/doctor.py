@@ -17,6 +17,9 @@ from tydust_gen.model.loading import DEFAULT_MODEL
 def doctor_cmd(
     model: str = typer.Option(DEFAULT_MODEL, "--model", envvar="TYDUST_MODEL", metavar="TEXT", help="Model to look for (hub id or folder)."),
     out_dir: Path = typer.Option(Path("assets/music"), "--out-dir", "-o", metavar="PATH", help="Output folder whose free space is reported."),
+    device: str = typer.Option(
+        "auto", "--device", metavar="TEXT", help="Device to check (auto, cpu, cuda, cuda:N); --selftest runs there (default: CPU)."
+    ),
     selftest: bool = typer.Option(False, "--selftest", help="Also generate a 1 s track on a tiny random model in a temp folder (no download)."),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
 ) -> None:
@@ -24,10 +27,10 @@ def doctor_cmd(
     from tydust_gen.runs import doctor
 
     rep = Reporter(quiet=False)
-    checks = doctor.run_checks(model, out_dir)
+    checks = doctor.run_checks(model, out_dir, device)
     if selftest:
         rep.info("running the self-test on a tiny random model…")
-        checks.append(doctor.selftest())
+        checks.append(doctor.selftest("cpu" if device.strip().lower() == "auto" else device))
     bad = [c for c in checks if not c.ok and c.required]
     if as_json:
         print_json({"ok": not bad, "checks": [c.__dict__ for c in checks]})

@@ -62,7 +62,12 @@ def generate_cmd(
     model: str = typer.Option(
         DEFAULT_MODEL, "--model", envvar="TYDUST_MODEL", metavar="TEXT", help="Hub id (uses the HF cache; honours HF_HUB_OFFLINE) or a local snapshot folder."
     ),
-    device: str = typer.Option("auto", "--device", metavar="TEXT", help="auto (CUDA when present), cuda or cpu."),
+    device: str = typer.Option("auto", "--device", metavar="TEXT", help="auto (CUDA when present), cuda, cuda:N or cpu."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", metavar="TEXT",
+        help="Decoder precision: auto (bf16 on a GPU that has it, else fp16 on CUDA; fp32 on the CPU), fp16, bf16 or fp32. "
+        "T5 and EnCodec always run in fp32.",
+    ),  # fmt: skip
     workers: Optional[str] = typer.Option(
         None, "--workers", metavar=INTEGER,
         help="Render on N worker processes, each holding the model (Ray actors; CPU workers share the cores). "
@@ -130,6 +135,7 @@ def generate_cmd(
         },
         model_ref=model,
         device_name=device,
+        dtype_name=dtype,
         prompts_dir=prompts_dir,
         out_dir=out_dir,
         force=force,
@@ -148,6 +154,7 @@ def generate_cmd(
                 "ok": not done.failed,
                 "model": model,
                 "device": done.device,
+                "dtype": done.dtype,
                 "load_s": round(done.load_s, 3),
                 "total_s": round(done.total_s, 3),
                 "tracks": [track_json(r, done.statuses[r.name]) for r in done.results],

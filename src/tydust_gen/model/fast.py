@@ -22,9 +22,18 @@ MusicGen decoder math directly on the model's weights instead of through
   ``int8=True`` swaps every per-step projection for fbgemm's dynamic int8 linear
   with per-channel weight scales: a quarter of the bytes per step, at a small,
   measured quality cost (see docs/BENCHMARKS.md).
-* **CUDA.** Weights stay in the model's dtype (fp16 from ``load_model``); the
-  per-step function is captured once per window in a CUDA graph over static
-  buffers, so Python no longer dominates a step. CPU runs never touch CUDA APIs.
+* **Precision.** Projections run in the decoder's weight dtype (fp16/bf16/fp32,
+  ``--dtype``); the residual stream, layer norms, softmax and logits stay fp32,
+  as under audiocraft's autocast. Attention scores come from a GEMM in the
+  weight dtype (fp32 accumulation inside the kernel, rounded once) and are
+  normalised in fp32; the KV cache is in the weight dtype.
+* **CUDA.** The per-step function is captured once per window in a CUDA graph
+  over static buffers, so Python no longer dominates a step. CPU runs never
+  touch CUDA APIs.
+* **Finite or nothing.** Non-finite logits (NaN/inf) stop the take with a
+  :class:`GenerationError` instead of sampling noise; on CUDA the check reads a
+  device-side flag every :data:`FINITE_CHECK_EVERY` steps so the loop stays
+  asynchronous.
 
 Generation-config features transformers would add on top (EOS stopping,
 repetition penalties, min-length) are not used by MusicGen checkpoints and are
@@ -50,6 +59,9 @@ SKINNY_MAX_ROWS = 16
 #: all-masked unconditional rows give uniform weights over all-zero values, i.e.
 #: exactly zero, as in transformers; small enough in magnitude to stay finite in fp16.
 MASK_BIAS = -30_000.0
+#: On CUDA, steps between reads of the device-side "non-finite logits seen" flag
+#: (each read waits for the GPU); on the CPU the flag is read every step.
+FINITE_CHECK_EVERY = 64
 
 
 def check_supported(loaded: LoadedModel) -> None:
@@ -104,6 +116,8 @@ class _Dense:
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if self.weight is not None and x2.dtype != self.weight.dtype:
+            x2 = x2.to(self.weight.dtype)  # the fp32 residual stream into a fp16/bf16 projection
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
         elif self.native and x2.shape[0] <= cpu_kernel.MAX_ROWS:
@@ -235,7 +249,8 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
         return _Dense(weight, skinny=on_cpu, native=kernel and cpu_kernel.can_read(weight))
 
     def ln(mod) -> tuple:
-        return (mod.weight.detach(), mod.bias.detach(), mod.eps)
+        # fp32 norms over the fp32 residual stream (a no-op for fp32 weights)
+        return (mod.weight.detach().float(), mod.bias.detach().float(), mod.eps)
 
     layers = []
     for layer in dec.layers:
@@ -291,7 +306,7 @@ def _prepare(loaded: LoadedModel, int8: bool, native: bool = True) -> _Prepared:
         native=native,
         device=causal_lm.lm_heads[0].weight.device,
         embed=[e.weight.detach() for e in dec.embed_tokens],
-        positions=dec.embed_positions.weights.to(weight_dtype),
+        positions=dec.embed_positions.weights.float(),
         layers=layers,
         final_ln=ln(dec.layer_norm),
         heads=heads,
@@ -378,7 +393,7 @@ def _decoder(prep: _Prepared, win: _Window, tokens, start: int | None, pos_t=Non
     import torch
 
     rows, _, steps = tokens.shape
-    x = prep.embed[0][tokens[:, 0]]
+    x = prep.embed[0][tokens[:, 0]].float()  # the residual stream is fp32 whatever the weights are
     for k in range(1, prep.num_codebooks):
         x = x + prep.embed[k][tokens[:, k]]
     if pos_t is None:
@@ -413,7 +428,7 @@ def _decoder(prep: _Prepared, win: _Window, tokens, start: int | None, pos_t=Non
         keys = ck.view(n, win.length, d_)[:, :end].transpose(1, 2)
         vals = cv.view(n, win.length, d_)[:, :end]
         s = torch.bmm(q, keys) if self_bias is None else torch.baddbmm(self_bias, q, keys)
-        a = torch.bmm(torch.softmax(s, dim=-1), vals)
+        a = torch.bmm(torch.softmax(s, dim=-1, dtype=torch.float32).to(vals.dtype), vals)
         x = x + layer.self_out(a.view(rows, 1, prep.hidden))
 
         h = _layer_norm(x, layer.ln_cross)
@@ -421,7 +436,8 @@ def _decoder(prep: _Prepared, win: _Window, tokens, start: int | None, pos_t=Non
         text_len = win.cross_k[i].shape[2]
         keys = win.cross_k[i].view(n, text_len, d_).transpose(1, 2)
         s = torch.baddbmm(win.cross_bias_flat, q, keys, alpha=prep.scale)
-        a = torch.bmm(torch.softmax(s, dim=-1), win.cross_v[i].view(n, text_len, d_))
+        vals = win.cross_v[i].view(n, text_len, d_)
+        a = torch.bmm(torch.softmax(s, dim=-1, dtype=torch.float32).to(vals.dtype), vals)
         x = x + layer.cross_out(a.view(rows, 1, prep.hidden))
 
         h = _layer_norm(x, layer.ln_ffn)
@@ -588,6 +604,40 @@ def delay_pattern(prefix, batch: int, num_codebooks: int, new_frames: int, start
     return grid
 
 
+# ----------------------------------------------------------------------------- non-finite logits
+
+
+class _FiniteGuard:
+    """Watches every step's logits for NaN/inf without making the GPU wait each step.
+
+    A device-side flag collects "some logit was not finite"; the logits handed on
+    are made finite (NaN/inf → 0) so sampling cannot hit CUDA's device-side assert
+    on a NaN probability (which would kill the process's CUDA context) before the
+    flag is read. :meth:`check` reads the flag and raises.
+    """
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+        self.every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+
+    def __call__(self, logits):
+        import torch
+
+        self.seen |= ~torch.isfinite(logits).all()
+        return torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def check(self, step: int, force: bool = False) -> None:
+        """Raise when a non-finite logit was seen (read every ``every`` steps, or when ``force``)."""
+        if (force or step % self.every == 0) and bool(self.seen):
+            raise GenerationError(
+                "the model produced non-finite logits (NaN or inf) while generating; nothing was written "
+                "for this take. Try --dtype fp32, or --backend stock"
+            )
+
+
 # ----------------------------------------------------------------------------- CUDA graph
 
 
@@ -600,22 +650,29 @@ class _StepGraph:
         device = prep.device
         self.tokens = torch.full((rows, prep.num_codebooks, 1), 0, dtype=torch.long, device=device)
         self.pos = torch.tensor([first_pos], dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        # Warm-up on a side stream (cuBLAS workspaces, SDPA kernel choice) before capture;
-        # its cache writes land at first_pos, which the first real step overwrites.
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
+        self.device = device
+        # torch.cuda.graph() captures on a stream of the *current* device: with --device cuda:N
+        # the current device must be N, or the capture stream and the tensors disagree.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            # Warm-up on a side stream (cuBLAS workspaces, SDPA kernel choice) before capture;
+            # its cache writes land at first_pos, which the first real step overwrites.
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = _logits(prep, _decoder(prep, win, self.tokens, None, self.pos)[:, -1])
 
     def __call__(self, tokens, pos: int):
+        import torch
+
         self.tokens.copy_(tokens)
         self.pos.fill_(pos)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits
 
 
@@ -697,12 +754,15 @@ class FastBackend:
         copies = rows // b
 
         with torch.inference_mode():
+            guard = _FiniteGuard(loaded.device)
             win = _open_window(prep, cond, length)
             tokens = grid[:, :, :first].repeat(copies, 1, 1)
             hidden = _decoder(prep, win, tokens, 0)
             logits = _logits(prep, hidden[:, -1])
             graph = None
             for pos in range(first, length):
+                logits = guard(logits)
+                guard.check(pos - first)
                 chosen = chooser(logits, generators).view(b, k)
                 column = grid[:, :, pos]
                 column = torch.where(column == -1, chosen, column)
@@ -718,16 +778,21 @@ class FastBackend:
                 else:
                     logits = _logits(prep, _decoder(prep, win, step_tokens, pos)[:, -1])
             del graph, win
+            guard.check(length, force=True)
             out = torch.stack([grid[:, i, p + 1 + i : p + 1 + i + new_frames] for i in range(k)], dim=1)
         return out
 
-    def teacher_forced_logits(self, loaded: LoadedModel, cond: Conditioning, ids, *, incremental: bool = True):
-        """Logits for every position of given delay-masked inputs, for parity checks.
+    def teacher_forced_logits(
+        self, loaded: LoadedModel, cond: Conditioning, ids, *, incremental: bool = True, graph: bool = False
+    ):
+        """Logits for every position of given delay-masked inputs, for parity checks and the self-check.
 
         Args:
             ids: int64 ``[B·K, T]`` decoder inputs, as transformers' decoder takes them.
             incremental: feed one position per step through the cache (the
                 decode path); False runs one prefill over all T positions.
+            graph: CUDA only: position 0 eagerly, every later position by replaying a
+                captured :class:`_StepGraph`, exactly as :meth:`generate_window` does.
 
         Returns:
             float32 ``[B'·K, T, V]``, comparable to ``model.decoder(...).logits``
@@ -746,6 +811,15 @@ class FastBackend:
             if not incremental:
                 hidden = _decoder(prep, win, tokens, 0)
                 per_pos = [_logits(prep, hidden[:, t]) for t in range(steps)]
+            elif graph:
+                if loaded.device.type != "cuda":
+                    raise DeviceError("CUDA graphs need a CUDA device")
+                per_pos = [_logits(prep, _decoder(prep, win, tokens[:, :, :1], 0)[:, -1])]
+                if steps > 1:
+                    step_graph = _StepGraph(prep, win, rows, 1)
+                    # clone: the graph's output buffer is overwritten by the next replay
+                    per_pos += [step_graph(tokens[:, :, t : t + 1], t).clone() for t in range(1, steps)]
+                    del step_graph
             else:
                 per_pos = [_logits(prep, _decoder(prep, win, tokens[:, :, t : t + 1], t)[:, -1]) for t in range(steps)]
         return torch.stack(per_pos, dim=1)

@@ -3,7 +3,14 @@
 The model is named by a hub id (``facebook/musicgen-small``, resolved through the
 Hugging Face cache, honouring ``HF_HUB_OFFLINE``) or by a local directory holding
 a ``save_pretrained`` snapshot. It loads once per command and is reused for every
-track. fp16 on CUDA, fp32 on the CPU.
+track.
+
+Precision follows audiocraft's split: the T5 text encoder and EnCodec run once per
+track and stay in fp32; the decoder's weights are in the compute dtype chosen by
+``--dtype`` (:func:`resolve_dtype`: bf16 on a GPU that supports it, else fp16 on
+CUDA; fp32 on the CPU). The decode loops keep the residual stream, layer norms
+and softmax in fp32 (:mod:`tydust_gen.model.fast`; the stock backend runs under
+autocast).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ DEFAULT_MODEL = "facebook/musicgen-small"
 
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
+#: ``--dtype`` values; "auto" picks bf16 on a bf16-capable GPU, else fp16 on CUDA, fp32 on the CPU.
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -49,7 +58,7 @@ class LoadedModel:
         model: ``MusicgenForConditionalGeneration`` in eval mode on ``device``.
         processor: the matching ``MusicgenProcessor`` (tokenizer).
         device: torch device it runs on.
-        dtype: torch dtype of its weights.
+        dtype: the decoder's compute dtype (T5 and EnCodec are fp32).
         source: where it was loaded from.
         sample_rate: EnCodec output rate, Hz (32,000 for musicgen-small).
         frame_rate: codec frames per second (50 for musicgen-small).
@@ -146,7 +155,61 @@ def resolve_device(name: str):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"{choice} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return device, False
-    raise SettingsError(f"unknown device {name!r}; use auto, cuda or cpu")
+    raise SettingsError(f"unknown device {name!r}; use auto, cuda, cuda:N or cpu")
+
+
+def check_dtype_name(name: str) -> str:
+    """``name`` normalised ("auto", "fp16", "bf16" or "fp32").
+
+    Raises:
+        SettingsError: any other name.
+    """
+    choice = str(name).strip().lower()
+    if choice not in DTYPE_CHOICES:
+        raise SettingsError(f"unknown --dtype {name!r}; use one of: {', '.join(DTYPE_CHOICES)}")
+    return choice
+
+
+def resolve_dtype(name: str, device) -> Any:
+    """Map ``auto|fp16|bf16|fp32`` to the decoder's compute dtype on ``device``, before the model loads.
+
+    fp16 and bf16 are allowed on the CPU (torch runs them there, slower than fp32 on most CPUs;
+    the tests use them to check the reduced-precision math without a GPU).
+
+    Raises:
+        SettingsError: an unknown name.
+        DeviceError: bf16 asked for on a GPU without bf16 support.
+    """
+    import torch
+
+    choice = check_dtype_name(name)
+    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if choice == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if cuda_bf16(device) else torch.float16
+    if choice == "bf16" and device.type == "cuda" and not cuda_bf16(device):
+        raise DeviceError(f"{device} does not support bf16; use --dtype fp16 or auto")
+    return table[choice]
+
+
+def cuda_bf16(device) -> bool:
+    """Whether the GPU ``device`` runs bf16 natively, not through emulation.
+
+    NVIDIA: compute capability 8.0 (Ampere) and later, the test torch's own
+    ``is_bf16_supported(including_emulation=False)`` makes for the current device;
+    asked per device here so ``cuda:N`` is judged by its own card.
+    """
+    import torch
+
+    if getattr(torch.version, "hip", None):  # pragma: no cover - ROCm decides for itself
+        return bool(torch.cuda.is_bf16_supported())
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` → ``"bf16"`` (the ``--dtype`` spelling, as the provenance records it)."""
+    return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
 
 
 def quiet_transformers() -> None:
@@ -201,7 +264,8 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
     Args:
         source: from :func:`resolve_source`.
         device: torch device from :func:`resolve_device`.
-        dtype: weights dtype; default fp16 on CUDA and fp32 on the CPU.
+        dtype: the decoder's compute dtype (:func:`resolve_dtype`); default ``auto``'s choice.
+            T5, the text projection and EnCodec always stay fp32.
         show_download_progress: let huggingface_hub draw its download progress bars
             on stderr while a hub id downloads (the core is silent otherwise).
 
@@ -213,14 +277,14 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
 
     quiet_transformers()
     if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = resolve_dtype("auto", device)
     where = str(source.local_dir) if source.local_dir is not None else source.hub_id
     kwargs: dict[str, Any] = {}
     if source.hub_id is not None and offline_mode():
         kwargs["local_files_only"] = True
     try:
         with hub_download_progress(show_download_progress):
-            model = MusicgenForConditionalGeneration.from_pretrained(where, dtype=dtype, **kwargs)
+            model = MusicgenForConditionalGeneration.from_pretrained(where, dtype=torch.float32, **kwargs)
             processor = MusicgenProcessor.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -232,6 +296,8 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
         raise ModelError(f"could not load model {source.ref}: {first}; {hint}") from exc
     try:
         model = model.to(device)
+        # Only the decoder runs per step; T5 and EnCodec run once per track and keep fp32.
+        model.decoder.to(dtype)
     except RuntimeError as exc:
         raise DeviceError(f"could not move the model to {device}: {str(exc).splitlines()[0]}") from exc
     model.eval()

@@ -1,14 +1,48 @@
 """The ``stock`` backend: transformers' own decoder ``generate`` for one window (eager, dynamic KV cache).
 
-The reference every faster backend is compared against, token for token.
+The reference every faster backend is compared against, token for token. With
+fp16/bf16 decoder weights it runs under :func:`autocast` (as audiocraft runs its
+language model), so the fp32 text conditioning meets the decoder's weights and
+layer norms and softmax compute in fp32 where torch's autocast lists say so.
+Non-finite logits stop the take (:class:`_FiniteScores`).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from tydust_gen.base.errors import GenerationError
 from tydust_gen.model.conditioning import Conditioning
 from tydust_gen.model.sampling import sampling_kwargs
+
+
+def autocast(loaded):
+    """A context in which transformers' decoder runs in the loaded compute dtype (off for fp32)."""
+    import torch
+
+    dtype = loaded.model.decoder.lm_heads[0].weight.dtype
+    return torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class _FiniteScores:
+    """A logits processor that notes NaN/inf scores and hands on finite ones (see fast._FiniteGuard)."""
+
+    def __init__(self):
+        self.seen = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        bad = ~torch.isfinite(scores).all()
+        self.seen = bad if self.seen is None else (self.seen | bad)
+        return torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def check(self) -> None:
+        if self.seen is not None and bool(self.seen):
+            raise GenerationError(
+                "the model produced non-finite logits (NaN or inf) while generating; nothing was written "
+                "for this take. Try --dtype fp32"
+            )
 
 
 class _StepHook:
@@ -57,7 +91,7 @@ class StockBackend:
 
     def generate_window(self, loaded, cond, prefix, new_frames, sampling, on_step):
         import torch
-        from transformers import DynamicCache, EncoderDecoderCache, StoppingCriteriaList
+        from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList, StoppingCriteriaList
 
         model = loaded.model
         gen_cfg = model.generation_config
@@ -76,21 +110,25 @@ class StockBackend:
         # Self- and cross-attention need separate caches; decoder.generate alone
         # would make one DynamicCache and mix the text keys into the audio keys.
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        if p:
-            _prefill_context(model, cache, ids, cond, start, p)
-        out = model.decoder.generate(
-            input_ids=ids,
-            cache=cache,
-            attention_mask=self_mask,
-            encoder_hidden_states=cond.hidden,
-            encoder_attention_mask=cond.mask,
-            max_new_tokens=new_frames + k - 1,
-            pad_token_id=gen_cfg.pad_token_id,
-            bos_token_id=gen_cfg.bos_token_id,
-            decoder_start_token_id=start,
-            num_return_sequences=1,
-            use_cache=True,
-            stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
-            **sampling_kwargs(loaded, sampling),
-        )
+        finite = _FiniteScores()
+        with autocast(loaded):
+            if p:
+                _prefill_context(model, cache, ids, cond, start, p)
+            out = model.decoder.generate(
+                input_ids=ids,
+                cache=cache,
+                attention_mask=self_mask,
+                encoder_hidden_states=cond.hidden,
+                encoder_attention_mask=cond.mask,
+                max_new_tokens=new_frames + k - 1,
+                pad_token_id=gen_cfg.pad_token_id,
+                bos_token_id=gen_cfg.bos_token_id,
+                decoder_start_token_id=start,
+                num_return_sequences=1,
+                use_cache=True,
+                stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
+                logits_processor=LogitsProcessorList([finite]),
+                **sampling_kwargs(loaded, sampling),
+            )
+        finite.check()
         return out[:, :, p:]

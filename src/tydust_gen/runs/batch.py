@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from tydust_gen.base.errors import DeviceError, TydustError, UsageError
+from tydust_gen.base.errors import DeviceError, SettingsError, TydustError, UsageError
 from tydust_gen.base.prompts import available_tracks
 from tydust_gen.base.variations import variation_seed
 from tydust_gen.export import staging as export
@@ -216,6 +216,7 @@ class BatchRequest:
             :mod:`tydust_gen.base.settings`, so a bad value is refused with the flag's name.
         model_ref: hub id or local folder.
         device_name: "auto", "cpu", "cuda" or "cuda:N".
+        dtype_name: the decoder's compute dtype, "auto", "fp16", "bf16" or "fp32" (model/loading.py).
         prompts_dir: folder of prompt files.
         out_dir: output folder, or None for the prompt file's default.
         force: replace existing outputs.
@@ -227,6 +228,7 @@ class BatchRequest:
     cli_settings: Mapping[str, Any]
     model_ref: str
     device_name: str = "auto"
+    dtype_name: str = "auto"
     prompts_dir: Path = Path("prompts")
     out_dir: Path | None = None
     force: bool = False
@@ -242,6 +244,7 @@ class BatchResult:
         results: one :class:`TrackResult` per take, in the order the tracks were named.
         statuses: ``{take name: "ok" | "skipped" | "failed"}``.
         device: the device the model ran on (as text).
+        dtype: the decoder's compute dtype ("fp16", "bf16", "fp32"; None when no model loaded here).
         load_s: seconds spent loading the model (0 when every track was skipped).
         total_s: seconds for the whole batch.
     """
@@ -251,6 +254,7 @@ class BatchResult:
     device: str
     load_s: float
     total_s: float
+    dtype: str | None = None
 
     @property
     def failed(self) -> list[TrackResult]:
@@ -360,6 +364,10 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
     ffmpeg = find_ffmpeg()
     check_encoders(ffmpeg)
     device, fell_back = (None, False) if scale else loading.resolve_device(request.device_name)
+    # checked before the model loads (a bad name fails in a second); the Ray workers keep "auto"
+    dtype = None if device is None else loading.resolve_dtype(request.dtype_name, device)
+    if scale and loading.check_dtype_name(request.dtype_name) != "auto":
+        raise SettingsError("--dtype is not passed to Ray workers yet (they use auto); leave it out with --workers/--ray")
     if device is not None and device.type != "cpu" and any(p.settings.backend == "fast-int8" for p in plans):
         raise DeviceError("--backend fast-int8 runs on the CPU only; use --backend fast on a GPU, or --device cpu")
     source = loading.resolve_source(request.model_ref)
@@ -381,12 +389,12 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
             else:
                 if fell_back:
                     listener.warn("no CUDA GPU found; generating on the CPU, which is much slower")
-                listener.info(f"loading {request.model_ref} on {device.type}…")
+                listener.info(f"loading {request.model_ref} on {device}…")
                 faults.hook("loading")
                 t_load = time.perf_counter()
                 # The CLI's reporter is `interactive` on a terminal without --quiet: then the first
                 # run's ~2.4 GB download shows the hub's progress bars instead of looking hung.
-                loaded = loading.load_model(source, device, show_download_progress=listener.interactive)
+                loaded = loading.load_model(source, device, dtype=dtype, show_download_progress=listener.interactive)
                 load_s = time.perf_counter() - t_load
                 check_prompt_lengths(loaded, plans)
                 if loaded.device.type == "cpu" and any(p.settings.backend == "fast" for p in plans):
@@ -394,7 +402,9 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
                 # One backend per name for this batch: its prepared weights are built once per model.
                 backends: dict[str, CodeBackend] = {}
                 for plan in plans:
-                    backend = backends.setdefault(plan.settings.backend, make_backend(plan.settings.backend))
+                    backend = backends.setdefault(
+                        plan.settings.backend, make_backend(plan.settings.backend, self_check=True, warn=listener.warn)
+                    )
                     results.extend(
                         render_planned(loaded, plan, backend=backend, ffmpeg=ffmpeg, force=request.force,
                                        identity=identity, listener=listener)  # fmt: skip
@@ -406,7 +416,8 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
         statuses.setdefault(r.name, "ok" if r.ok else "failed")
     # scale with every track skipped: no worker was started, so there is no device to name
     device_text = "not started" if device is None else str(device)
-    return BatchResult(results, statuses, device_text, load_s, time.perf_counter() - started)
+    dtype_text = None if dtype is None else loading.dtype_name(dtype)
+    return BatchResult(results, statuses, device_text, load_s, time.perf_counter() - started, dtype_text)
 
 
 def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
@@ -442,6 +453,7 @@ def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
         "windows": r.windows,
         "sections": r.sections,
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
+        "decode_path": r.decode_path,
     }
     if status is not None:
         d["status"] = status

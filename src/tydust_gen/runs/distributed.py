@@ -300,7 +300,9 @@ class TrackWorker:
         folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_private_root()))
         try:
             here = replace(plan, out_dir=folder, outputs=output_paths(folder, plan.takes[0]))
-            backend = self.backends.setdefault(plan.settings.backend, make_backend(plan.settings.backend))
+            backend = self.backends.setdefault(
+                plan.settings.backend, make_backend(plan.settings.backend, self_check=True)
+            )
             try:
                 takes = render_takes(
                     self.loaded, here, ffmpeg=self.ffmpeg, backend=backend, progress=self._progress(name),

@@ -1,6 +1,8 @@
 """``tydust-gen doctor``: what this machine has, and a self-test that needs no download.
 
-:func:`run_checks` reports torch and CUDA (GPU name, free memory), ffmpeg (where
+:func:`run_checks` reports torch and CUDA (each GPU: name, free/total memory, compute
+capability, native bf16, whether a tiny CUDA graph captures and replays; the
+``--device`` asked for), ffmpeg (where
 it came from and its encoders), the CPU decode kernel (built on first use),
 whether the model is in the local Hugging Face
 cache (and its size), and free disk space in the output folder. A check marked
@@ -18,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tydust_gen import __version__
 from tydust_gen.base.errors import TydustError
@@ -36,12 +39,14 @@ class Check:
         ok: it works (or is merely informative).
         detail: what was found, or what to do.
         required: a failure makes ``doctor`` exit non-zero.
+        data: the same facts as fields, for ``--json`` (GPUs), or None.
     """
 
     name: str
     ok: bool
     detail: str
     required: bool = True
+    data: dict[str, Any] | None = None
 
 
 def folder_size(folder: Path) -> int:
@@ -62,18 +67,82 @@ def _gb(n: float) -> str:
     return f"{n / 1000**3:.2f} GB" if n >= 1000**3 else f"{n / 1000**2:.1f} MB"
 
 
-def check_torch() -> list[Check]:
+def probe_graph_capture(device) -> str | None:
+    """Capture and replay a two-op CUDA graph on ``device``; None when it works, else why not (one line)."""
+    import torch
+
+    try:
+        with torch.cuda.device(device):
+            x = torch.ones(8, device=device)
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture, as fast._StepGraph does
+                y = x * 2 + 1
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = x * 2 + 1
+            x.fill_(3.0)
+            graph.replay()
+            torch.cuda.synchronize(device)
+            if y.tolist() != [7.0] * 8:
+                return f"replay gave {y.tolist()[:2]}…, not 7.0"
+    except Exception as exc:  # noqa: BLE001 - any failure means "do not use graphs here"; the reason is shown
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return None
+
+
+def gpu_check(index: int) -> Check:
+    """One GPU: name, memory, compute capability, native bf16, CUDA-graph capture."""
+    import torch
+
+    from tydust_gen.model.loading import cuda_bf16
+
+    device = torch.device("cuda", index)
+    props = torch.cuda.get_device_properties(index)
+    free, total = torch.cuda.mem_get_info(index)
+    major, minor = torch.cuda.get_device_capability(index)
+    bf16 = cuda_bf16(device)
+    graph_problem = probe_graph_capture(device)
+    data = {
+        "index": index,
+        "name": props.name,
+        "memory_total_bytes": int(total),
+        "memory_free_bytes": int(free),
+        "compute_capability": f"{major}.{minor}",
+        "bf16": bf16,
+        "cuda_graphs": graph_problem is None,
+        "cuda_graph_problem": graph_problem,
+        "auto_dtype": "bf16" if bf16 else "fp16",
+    }
+    detail = (
+        f"{props.name}, {_gb(free)} free of {_gb(total)}, compute {major}.{minor}, "
+        f"bf16 {'yes' if bf16 else 'no'} (--dtype auto: {data['auto_dtype']}), "
+        + ("CUDA graphs capture" if graph_problem is None else f"CUDA graphs FAIL ({graph_problem}); the fast backend falls back to eager")
+    )
+    return Check(f"cuda:{index}", True, detail, required=False, data=data)
+
+
+def check_torch(device_name: str = "auto") -> list[Check]:
+    """torch's version, every CUDA GPU (or "no CUDA GPU"), and whether ``--device device_name`` resolves."""
     try:
         import torch
     except Exception as exc:  # noqa: BLE001
         return [Check("torch", False, f"cannot import torch ({exc}); reinstall tydust-gen")]
-    checks = [Check("torch", True, f"torch {torch.__version__}")]
+    from tydust_gen.model.loading import resolve_device
+
+    checks = [Check("torch", True, f"torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'}")]
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        name = torch.cuda.get_device_name(0)
-        checks.append(Check("CUDA", True, f"{name}, {_gb(free)} free of {_gb(total)}", required=False))
+        checks += [gpu_check(i) for i in range(torch.cuda.device_count())]
     else:
         checks.append(Check("CUDA", True, "no CUDA GPU; tracks generate on the CPU (slow)", required=False))
+    try:
+        device, fell_back = resolve_device(device_name)
+    except TydustError as exc:
+        checks.append(Check("device", False, str(exc)))
+    else:
+        what = f"--device {device_name} → {device}" + (" (no GPU found)" if fell_back else "")
+        checks.append(Check("device", True, what, required=False, data={"device": str(device)}))
     return checks
 
 
@@ -134,15 +203,17 @@ def check_disk(out_dir: Path) -> list[Check]:
     return [Check("output folder", not low, f"{out_dir}: {_gb(free)} free" + (" (low)" if low else ""), required=low and free < 50 * 1000**2)]
 
 
-def run_checks(model_ref: str, out_dir: Path) -> list[Check]:
+def run_checks(model_ref: str, out_dir: Path, device_name: str = "auto") -> list[Check]:
     """Every check, in report order."""
-    return [Check("tydust-gen", True, __version__, required=False), *check_torch(), *check_cpu_kernel(), *check_ffmpeg(), *check_model(model_ref), *check_disk(out_dir)]
+    return [Check("tydust-gen", True, __version__, required=False), *check_torch(device_name), *check_cpu_kernel(), *check_ffmpeg(), *check_model(model_ref), *check_disk(out_dir)]
 
 
-def selftest() -> Check:
-    """Generate, export and verify a 1 s track on a tiny random model in a temporary folder, then remove it."""
-    import torch
+def selftest(device_name: str = "cpu") -> Check:
+    """Generate, export and verify a 1 s track on a tiny random model in a temporary folder, then remove it.
 
+    ``device_name`` (``doctor --device``) picks where it runs, CPU by default; on a GPU it goes
+    through the self-check and the fallback ladder like a real run.
+    """
     from tydust_gen.model import loading as engine
     from tydust_gen.model.backends import make_backend
     from tydust_gen.model.tiny import save_tiny_model
@@ -165,9 +236,11 @@ def selftest() -> Check:
             ffmpeg = find_ffmpeg()
             check_encoders(ffmpeg)
             source = engine.resolve_source(str(model_dir))
-            loaded = engine.load_model(source, torch.device("cpu"))
+            device, _ = engine.resolve_device(device_name)
+            loaded = engine.load_model(source, device)
+            backend = make_backend(plan.settings.backend, self_check=True)
             result = pipeline.render_track(
-                loaded, plan, ffmpeg=ffmpeg, backend=make_backend(plan.settings.backend),
+                loaded, plan, ffmpeg=ffmpeg, backend=backend,
                 record_model=provenance.model_identity(source),
             )  # fmt: skip
             record = provenance.read_record(provenance.record_path(plan.out_dir, "selftest"))
@@ -181,4 +254,10 @@ def selftest() -> Check:
             return Check("selftest", False, str(exc))
     took = time.perf_counter() - started
     sizes = ", ".join(f"{f.format} {f.size_bytes} B" for f in result.files)
-    return Check("selftest", True, f"tiny model → {SELFTEST_DURATION_S:g} s track → {sizes} + record, verified in {took:.1f} s; temporary files removed")
+    path = (result.decode_path or {}).get("path", plan.settings.backend)
+    return Check(
+        "selftest", True,
+        f"tiny model on {loaded.device} ({loaded.dtype}, {path}) → {SELFTEST_DURATION_S:g} s track → {sizes} + record, "
+        f"verified in {took:.1f} s; temporary files removed",
+        data={"device": str(loaded.device), "decode_path": result.decode_path},
+    )  # fmt: skip

@@ -101,6 +101,8 @@ class TrackResult:
         preview: the PNG written beside the audio, if asked for.
         sections: for a track in sections, each one's start, prompt, guidance and the
             generation windows that were conditioned on it (0-based); None otherwise.
+        decode_path: which decode path ran and the self-check's measured error
+            (:attr:`tydust_gen.model.selfcheck.CheckedBackend.report`), or None for an unchecked backend.
     """
 
     name: str
@@ -118,6 +120,7 @@ class TrackResult:
     loop: dict[str, Any] | None = None
     preview: Path | None = None
     sections: list[dict[str, Any]] | None = None
+    decode_path: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -327,6 +330,7 @@ def render_takes(
             take=index,
             takes=len(plan.takes),
             sections=section_windows(plan, windows),
+            decode_path=getattr(backend, "report", None),
         )
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:

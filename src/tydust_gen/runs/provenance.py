@@ -272,6 +272,21 @@ def _kernel_build() -> dict[str, Any] | None:
     return None if state is None or not state.available else state.build
 
 
+def precision(loaded) -> dict[str, str]:
+    """The dtype each part of the model actually holds, and what the decode loops keep in fp32."""
+    model = loaded.model
+
+    def held(module) -> str:
+        return str(next(module.parameters()).dtype).replace("torch.", "")
+
+    return {
+        "text_encoder": held(model.text_encoder),
+        "decoder_weights": held(model.decoder),
+        "audio_encoder": held(model.audio_encoder),
+        "fast_loop_residual_norms_softmax": "float32",
+    }
+
+
 def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict[str, Any]:
     """The provenance record of a finished take (files with their final paths)."""
     spec = plan.spec
@@ -302,7 +317,8 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "seed_was_random": plan.seed_was_random,
         "model": with_revision(model),
         "device": str(loaded.device),
-        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "dtype": str(loaded.dtype).replace("torch.", ""),  # the decoder's compute dtype (--dtype)
+        "precision": precision(loaded),
         # CPU matmul of the fast decode step: "native" (tydust_gen.model.cpu_kernel) or "mkl"; None when unused.
         "cpu_kernel": _kernel_label(),
         # How the native kernel was built: {"compiler", "compiler_version", "flags"}; None when it did not run.

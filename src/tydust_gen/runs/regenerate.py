@@ -174,7 +174,7 @@ def regenerate_take(
         faults.hook("loading")
         loaded = loading.load_model(source, device, dtype=dtype if isinstance(dtype, torch.dtype) else None)
         takes = render_planned(
-            loaded, plan, backend=make_backend(plan.settings.backend), ffmpeg=ffmpeg, force=force,
+            loaded, plan, backend=make_backend(plan.settings.backend, self_check=True, warn=listener.warn), ffmpeg=ffmpeg, force=force,
             identity=identity, listener=listener,
         )  # fmt: skip
     wanted = data.get("take") or plan.spec.name
