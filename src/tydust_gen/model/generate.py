@@ -32,7 +32,7 @@ class GeneratedTrack:
 
     Attributes:
         codes: int64 ``[B, K, T]`` tokens (B takes, K codebooks, T frames).
-        waveforms: one 32 kHz mono :class:`Waveform` per take, each ``[1, T × hop]``.
+        waveforms: one 32 kHz :class:`Waveform` per take, each ``[C, T × hop]`` (C: the model's channels).
         windows: the passes that produced the codes.
         steps: decoding steps run in total.
         seed: the seed used (None if none was set).
@@ -103,7 +103,7 @@ def generate_codes(
     total, window_frames, stride_frames = frames_for(settings, loaded.frame_rate)
     check_window_fits(loaded, min(window_frames, total))
     windows = plan_windows(total, window_frames, stride_frames)
-    total_steps = sum(window_steps(w, loaded.num_codebooks) for w in windows)
+    total_steps = sum(window_steps(w, loaded.delay_codebooks) for w in windows)
     done = 0
 
     def on_step() -> None:
@@ -142,19 +142,26 @@ def generate_codes(
 
 
 def decode_codes(loaded: LoadedModel, codes) -> list[Waveform]:
-    """EnCodec-decode ``[B, K, T]`` codes into B mono float32 waveforms at the model rate.
+    """EnCodec-decode ``[B, K, T]`` codes into B float32 ``[C, N]`` waveforms at the model rate.
 
     Takes are decoded one at a time: a batched convolution may round differently
     from a single one, and a take of a batch must decode to exactly the samples
-    it has when generated alone from its seed.
+    it has when generated alone from its seed. A stereo model's codebooks
+    alternate left, right, left, ... (transformers' layout); each channel's
+    codebooks go through the mono EnCodec on their own, left then right.
     """
     import torch
 
     expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
+    channels = loaded.audio_channels
     waves = []
     with torch.inference_mode():
         for take in codes.split(1, dim=0):
-            audio = loaded.model.audio_encoder.decode(take[None], audio_scales=[None]).audio_values
+            sides = [
+                loaded.model.audio_encoder.decode(take[None, :, c::channels], audio_scales=[None]).audio_values
+                for c in range(channels)
+            ]
+            audio = torch.cat(sides, dim=1)
             waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
     return waves
 

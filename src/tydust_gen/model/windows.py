@@ -30,9 +30,13 @@ class Window:
     new_frames: int
 
 
-def window_steps(window: Window, num_codebooks: int) -> int:
-    """Decoding steps for one window: one per frame plus the codebook delay."""
-    return window.new_frames + num_codebooks - 1
+def window_steps(window: Window, delay_codebooks: int) -> int:
+    """Decoding steps for one window: one per frame plus the codebook delay.
+
+    ``delay_codebooks`` is the delay pattern's depth: the codebook count of a mono
+    model, half of it for a stereo one (its left/right pairs share one delay).
+    """
+    return window.new_frames + delay_codebooks - 1
 
 
 def plan_windows(total_frames: int, window_frames: int, stride_frames: int) -> list[Window]:

@@ -430,6 +430,7 @@ def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
         "preview": str(r.preview) if r.preview else None,
         "steps": r.steps,
         "windows": r.windows,
+        "model_family": r.model_family,
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
     }
     if status is not None:

@@ -99,6 +99,7 @@ class TrackResult:
             and the true peak of each decoded output file.
         loop: loop points (samples at 44.1 kHz) and seam figures, in loop mode.
         preview: the PNG written beside the audio, if asked for.
+        model_family: ``mono`` / ``stereo`` (:attr:`LoadedModel.family`): where left and right came from.
     """
 
     name: str
@@ -115,6 +116,7 @@ class TrackResult:
     loudness: dict[str, Any] | None = None
     loop: dict[str, Any] | None = None
     preview: Path | None = None
+    model_family: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -193,12 +195,16 @@ def model_tag_id(source: ModelSource) -> str:
     return folder.name
 
 
-def comment_for(plan: TrackPlan, model_id: str, take: int = 1) -> str:
-    """The comment tag: prompt, seed and model id (:func:`model_tag_id`) (and take of a batch), so a file says how it was made."""
+def comment_for(plan: TrackPlan, model_id: str, take: int = 1, family: str | None = None) -> str:
+    """The comment tag: prompt, seed and model id (:func:`model_tag_id`) (and take of a batch), so a file says how it was made.
+
+    ``family`` (``mono``/``stereo``) follows the model id when given.
+    """
+    model = model_id if family is None else f"{model_id} ({family})"
     if len(plan.takes) > 1:
         seed = variation_seed(plan.settings.seed, take - 1)
-        return f"{plan.spec.prompt} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_id}"
-    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model_id}"
+        return f"{plan.spec.prompt} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model}"
+    return f"{plan.spec.prompt} | seed={plan.settings.seed} | model={model}"
 
 
 def render_track(
@@ -287,7 +293,7 @@ def render_takes(
         tags = TrackTags(
             title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
             genre=plan.spec.genre,
-            comment=comment_for(plan, model_tag_id(loaded.source), take=index),
+            comment=comment_for(plan, model_tag_id(loaded.source), take=index, family=loaded.family),
             bpm=plan.spec.bpm if plan.spec.bpm is not None else (loop_info or {}).get("bpm"),
         )
         batch = len(plan.takes) > 1
@@ -300,6 +306,7 @@ def render_takes(
             windows=len(windows),
             take=index,
             takes=len(plan.takes),
+            model_family=loaded.family,
         )
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
@@ -368,7 +375,8 @@ def prepare_take_audio(
     """The model's output (32 kHz) → 44.1 kHz stereo → DC removal → loop on the bar, or fades.
 
     Args:
-        wave: one take as decoded by EnCodec, ``[1, N]`` at the model's rate.
+        wave: one take as decoded by EnCodec, ``[C, N]`` at the model's rate (C = 2: the
+            model's own left/right, kept; C = 1: copied to both sides).
         generated_s: seconds generated (the track plus the loop overrun in loop mode).
         duration_s: the track's length, seconds (the loop length in loop mode).
         mastering: fades, loop mode, bars and meter.

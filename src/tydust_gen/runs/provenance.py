@@ -299,6 +299,8 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "mastering": to_jsonable(plan.mastering),
         "seed_was_random": plan.seed_was_random,
         "model": with_revision(model),
+        # mono / stereo: which MusicGen family made the take (stereo: left and right from the model)
+        "model_family": loaded.family,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
         # CPU matmul of the fast decode step: "native" (tydust_gen.model.cpu_kernel) or "mkl"; None when unused.
