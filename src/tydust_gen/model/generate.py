@@ -83,8 +83,13 @@ def generate_codes(
     backend: CodeBackend,
     progress: ProgressCallback | None = None,
     take_seeds: list[int] | None = None,
+    prompt_codes: Any | None = None,
 ) -> tuple[Any, list[Window], int]:
     """Generate all codes of a track, window by window.
+
+    With ``prompt_codes`` (int64 ``[1, K, P]``, e.g. :func:`~tydust_gen.model.continuation.encode_prompt`
+    of another track's tail) the first window continues them: they are its
+    prefix, kept token for token, and are not part of the returned codes.
 
     With ``take_seeds`` (one per row of the batch; variations of one prompt)
     each take samples from its own stream seeded with its seed, kept across
@@ -102,7 +107,8 @@ def generate_codes(
 
     total, window_frames, stride_frames = frames_for(settings, loaded.frame_rate)
     check_window_fits(loaded, min(window_frames, total))
-    windows = plan_windows(total, window_frames, stride_frames)
+    prompt_len = 0 if prompt_codes is None else int(prompt_codes.shape[-1])
+    windows = plan_windows(total, window_frames, stride_frames, prompt_len)
     total_steps = sum(window_steps(w, loaded.delay_codebooks) for w in windows)
     done = 0
 
@@ -122,6 +128,10 @@ def generate_codes(
             raise SettingsError(f"the {backend.name} backend cannot give each take its own seed; use --backend fast")
         extra["generators"] = [torch.Generator(device=loaded.device).manual_seed(s) for s in take_seeds]
     codes = None
+    if prompt_codes is not None:
+        if prompt_codes.shape[:2] != (1, loaded.num_codebooks):
+            raise ValueError(f"prompt codes of shape {tuple(prompt_codes.shape)} for a {loaded.num_codebooks}-codebook model")
+        codes = prompt_codes.to(loaded.device).expand(cond.batch_size, -1, -1).contiguous()
     try:
         with torch.inference_mode():
             for w in windows:
@@ -138,31 +148,38 @@ def generate_codes(
         ) from exc
     if progress is not None:
         progress(total_steps, total_steps)
-    return codes, windows, total_steps
+    return codes[:, :, prompt_len:], windows, total_steps
 
 
-def decode_codes(loaded: LoadedModel, codes) -> list[Waveform]:
+def decode_codes(loaded: LoadedModel, codes, lead_in=None) -> list[Waveform]:
     """EnCodec-decode ``[B, K, T]`` codes into B float32 ``[C, N]`` waveforms at the model rate.
 
     Takes are decoded one at a time: a batched convolution may round differently
     from a single one, and a take of a batch must decode to exactly the samples
-    it has when generated alone from its seed. A stereo model's codebooks
+    it has when generated alone from its seed. ``lead_in`` (int64 ``[1, K, P]``,
+    a continuation's prompt codes) is decoded ahead of each take and cut off
+    again, so EnCodec's convolutions and LSTM start the new music from the old
+    one's state instead of from silence. A stereo model's codebooks
     alternate left, right, left, ... (transformers' layout); each channel's
     codebooks go through the mono EnCodec on their own, left then right.
     """
     import torch
 
-    expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
+    hop = loaded.sample_rate // loaded.frame_rate
+    expected = codes.shape[-1] * hop
+    skip = 0 if lead_in is None else int(lead_in.shape[-1]) * hop
     channels = loaded.audio_channels
     waves = []
     with torch.inference_mode():
         for take in codes.split(1, dim=0):
+            if lead_in is not None:
+                take = torch.cat([lead_in.to(take.device), take], dim=-1)
             sides = [
                 loaded.model.audio_encoder.decode(take[None, :, c::channels], audio_scales=[None]).audio_values
                 for c in range(channels)
             ]
             audio = torch.cat(sides, dim=1)
-            waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
+            waves.append(Waveform(samples=audio[0, :, skip : skip + expected].float().cpu(), sample_rate=loaded.sample_rate))
     return waves
 
 

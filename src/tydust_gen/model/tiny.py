@@ -87,7 +87,9 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False):
         codebook_size=TINY_CODEBOOK_SIZE,
         codebook_dim=16,
         num_lstm_layers=1,
-        target_bandwidths=[2.2],  # 4 codebooks x 11 bits x 50 Hz, as musicgen-small
+        # 4 codebooks x 8 bits (256 codes) x 50 Hz: encode() then gives the decoder's 4 codebooks per
+        # channel, as 2.2 kbps (4 x 11 bits x 50 Hz) does for the real EnCodec of musicgen-small
+        target_bandwidths=[TINY_CODEC_CODEBOOKS * 8 * 50 / 1000],
         use_conv_shortcut=False,
         normalize=False,
     )

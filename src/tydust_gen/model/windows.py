@@ -39,8 +39,12 @@ def window_steps(window: Window, delay_codebooks: int) -> int:
     return window.new_frames + delay_codebooks - 1
 
 
-def plan_windows(total_frames: int, window_frames: int, stride_frames: int) -> list[Window]:
+def plan_windows(total_frames: int, window_frames: int, stride_frames: int, prompt_frames: int = 0) -> list[Window]:
     """Split ``total_frames`` into overlapping passes (audiocraft's extend_stride).
+
+    ``prompt_frames`` of given codes (a continued track's tail) come before the
+    track: the first window holds them as its context and adds what is left of
+    the window; later windows may reach back into them.
 
     >>> plan_windows(4500, 1500, 900)[:3]
     [Window(context_frames=0, new_frames=1500), Window(context_frames=600, new_frames=900), Window(context_frames=600, new_frames=900)]
@@ -52,13 +56,18 @@ def plan_windows(total_frames: int, window_frames: int, stride_frames: int) -> l
             f"stride must be shorter than the window and at least one frame "
             f"(got window {window_frames} frames, stride {stride_frames}); e.g. --window 30 --stride 18"
         )
-    first = min(total_frames, window_frames)
-    windows = [Window(0, first)]
+    if prompt_frames >= window_frames:
+        raise SettingsError(
+            f"the continuation context ({prompt_frames} frames) must be shorter than the window "
+            f"({window_frames} frames); use a shorter --context or a longer --window"
+        )
+    first = min(total_frames, window_frames - prompt_frames)
+    windows = [Window(prompt_frames, first)]
     done = first
     context = window_frames - stride_frames
     while done < total_frames:
         new = min(stride_frames, total_frames - done)
-        windows.append(Window(min(context, done), new))
+        windows.append(Window(min(context, done + prompt_frames), new))
         done += new
     return windows
 

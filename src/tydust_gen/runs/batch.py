@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from tydust_gen.base.errors import DeviceError, TydustError, UsageError
+from tydust_gen.base.errors import DeviceError, SettingsError, TydustError, UsageError
 from tydust_gen.base.prompts import available_tracks
 from tydust_gen.base.variations import variation_seed
 from tydust_gen.export import staging as export
@@ -277,7 +277,55 @@ def plan_tracks(request: BatchRequest) -> list[TrackPlan]:
             raise UsageError(f"track {name!r} is listed twice; name each track once")
         seen.add(key)
         plans.append(plan)
-    return plans
+    return order_continuations(plans)
+
+
+def order_continuations(plans: list[TrackPlan]) -> list[TrackPlan]:
+    """Plans in render order: a track that continues another of the batch comes after it.
+
+    A ``continue_from`` naming a track of this batch points at that track's output
+    folder (the file appears when it renders); one naming a track outside the batch
+    needs that track's finished output already on disk.
+
+    Raises:
+        SettingsError: the continuations form a cycle, or a continued output is missing.
+    """
+    from tydust_gen.runs.pipeline import continuation_output
+
+    by_name = {p.spec.name: p for p in plans}
+    fixed: dict[str, TrackPlan] = {}
+    for plan in plans:
+        cont = plan.continuation
+        if cont is not None and cont.track is not None:
+            source = by_name.get(cont.track)
+            if source is not None:
+                cont = replace(cont, path=continuation_output(source.out_dir, source.takes[0]))
+            elif not cont.path.is_file():
+                raise SettingsError(
+                    f"{plan.spec.path}: continue_from = {cont.track!r} but {cont.path} does not exist; "
+                    f"render {cont.track} first or add it to this batch"
+                )
+            plan = replace(plan, continuation=cont)
+        fixed[plan.spec.name] = plan
+    ordered: list[TrackPlan] = []
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            loop = " → ".join([*chain[chain.index(name) :], name])
+            raise SettingsError(f"continue_from makes a cycle ({loop}); one of these tracks must start fresh")
+        state[name] = "visiting"
+        cont = fixed[name].continuation
+        if cont is not None and cont.track in fixed:
+            visit(cont.track, [*chain, name])
+        state[name] = "done"
+        ordered.append(fixed[name])
+
+    for plan in plans:
+        visit(plan.spec.name, [])
+    return ordered
 
 
 def prepare_cpu_kernel(listener: RunListener) -> None:
@@ -431,6 +479,7 @@ def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
         "steps": r.steps,
         "windows": r.windows,
         "model_family": r.model_family,
+        "continuation": r.continuation,
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
     }
     if status is not None:

@@ -301,6 +301,8 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "model": with_revision(model),
         # mono / stereo: which MusicGen family made the take (stereo: left and right from the model)
         "model_family": loaded.family,
+        # the audio whose tail prompted the first window: {"path", "track", "sha256", "context_s", "prompt_frames"}
+        "continuation": result.continuation,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
         # CPU matmul of the fast decode step: "native" (tydust_gen.model.cpu_kernel) or "mkl"; None when unused.
