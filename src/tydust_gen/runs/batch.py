@@ -328,6 +328,24 @@ def order_continuations(plans: list[TrackPlan]) -> list[TrackPlan]:
     return ordered
 
 
+def check_memory(source, device, plans: list[TrackPlan], what: str) -> None:
+    """Refuse, before loading, a model this device has no room for (weights + cache + decode).
+
+    Raises:
+        DeviceError: the estimate is above the free memory (the message gives both).
+    """
+    from tydust_gen.model import memory
+
+    config = memory.config_for(source)
+    if config is None:
+        return  # the load says what is wrong with the snapshot
+    # CFG doubles the rows; a loop generates an overrun past --duration (at most a few bars, counted as 30 s)
+    rows = max(2 * len(p.takes) for p in plans)
+    duration = max(p.settings.duration_s + (30.0 if p.mastering.loop else 0.0) for p in plans)
+    need = memory.estimate_for_config(config, dtype_bytes=2 if device.type == "cuda" else 4, rows=rows, duration_s=duration)
+    memory.check_fits(need, device, what=what)
+
+
 def prepare_cpu_kernel(listener: RunListener) -> None:
     """Build the CPU decode kernel now (first CPU run only), saying so, instead of silently inside the first track."""
     from tydust_gen.model import cpu_kernel
@@ -417,6 +435,7 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
                 )
                 results.extend(rendered)
             else:
+                check_memory(source, device, plans, request.model_ref)
                 if fell_back:
                     listener.warn("no CUDA GPU found; generating on the CPU, which is much slower")
                 listener.info(f"loading {request.model_ref} on {device.type}…")
