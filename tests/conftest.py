@@ -51,6 +51,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_stereo_dir(tmp_path_factory) -> Path:
+    """A tiny random stereo MusicGen (8 interleaved codebooks, as musicgen-stereo-small) saved with save_pretrained."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-musicgen-stereo"), stereo=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_stereo(tiny_stereo_dir):
+    """The tiny stereo model loaded through the same code path the CLI uses."""
+    import torch
+
+    from tydust_gen.model import loading as engine
+
+    return engine.load_model(engine.resolve_source(str(tiny_stereo_dir)), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
     """The tiny model loaded once through the same code path the CLI uses."""
     import torch

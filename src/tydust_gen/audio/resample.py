@@ -1,4 +1,4 @@
-"""Audio stage: 32 kHz mono model output → 44.1 kHz stereo, exactly the requested length.
+"""Audio stage: 32 kHz model output (mono, or a stereo model's two channels) → 44.1 kHz stereo, exactly the requested length.
 
 Resampling uses torchaudio's windowed-sinc resampler with a Kaiser window and a
 rolloff below the default: the default rolloff (0.99) lets a −6 dBc image of
@@ -41,7 +41,7 @@ def resample(wave: Waveform, rate: int = TARGET_SAMPLE_RATE) -> Waveform:
 
 
 def to_stereo(wave: Waveform) -> Waveform:
-    """Mono ``[1, N]`` → identical left/right ``[2, N]``; stereo passes through."""
+    """Mono ``[1, N]`` → identical left/right ``[2, N]``; stereo (a stereo MusicGen's own left/right) passes through."""
     if wave.channels == TARGET_CHANNELS:
         return wave
     if wave.channels != 1:
@@ -63,7 +63,7 @@ def fit_length(wave: Waveform, duration_s: float) -> Waveform:
 
 
 def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
-    """32 kHz mono model output → float32 ``[2, N]`` at 44.1 kHz, N = round(duration_s × 44,100); not clamped."""
+    """32 kHz model output (mono or stereo) → float32 ``[2, N]`` at 44.1 kHz, N = round(duration_s × 44,100); not clamped."""
     return fit_length(to_stereo(resample(wave)), duration_s)
 
 

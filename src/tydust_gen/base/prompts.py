@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from tydust_gen.base.errors import PromptError, SettingsError
-from tydust_gen.base.settings import MASTERING_PARSERS, SETTING_PARSERS
+from tydust_gen.base.settings import CONDITIONING_PARSERS, MASTERING_PARSERS, SETTING_PARSERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,7 +72,7 @@ METADATA_KEYS = ("prompt", "title", "genre", "folder", "bpm")
 SECTION_TABLE = "section"  # [[section]]
 SECTION_KEYS = ("at", "prompt", "guidance_scale")
 MIN_SECTION_S = 1.0  # seconds; a shorter section would be a window of a few frames, no musical change
-ALLOWED_KEYS = METADATA_KEYS + tuple(SETTING_PARSERS) + tuple(MASTERING_PARSERS) + (SECTION_TABLE,)
+ALLOWED_KEYS = METADATA_KEYS + tuple(SETTING_PARSERS) + tuple(MASTERING_PARSERS) + tuple(CONDITIONING_PARSERS) + (SECTION_TABLE,)
 _TRACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # ID3 reads a genre that is a number, "RX", "CR", or starts with "(13)" / "((" as an ID3v1
@@ -293,7 +293,7 @@ def load_track(name: str, prompts_dir: Path | str = DEFAULT_PROMPTS_DIR) -> Trac
     if bpm is not None and (isinstance(bpm, bool) or not isinstance(bpm, (int, float)) or not 1 <= bpm <= 999):
         raise PromptError(f"{path}: bpm must be a number between 1 and 999, got {bpm!r}")
     settings: dict[str, Any] = {}
-    for key, parser in {**SETTING_PARSERS, **MASTERING_PARSERS}.items():
+    for key, parser in {**SETTING_PARSERS, **MASTERING_PARSERS, **CONDITIONING_PARSERS}.items():
         if key in data:
             try:
                 settings[key] = parser(data[key])

@@ -240,6 +240,35 @@ def resolve_settings(cli: Mapping[str, Any], prompt_file: Mapping[str, Any]) -> 
     )
 
 
+# ----------------------------------------------------------------- continuation (issue 12)
+
+DEFAULT_CONTEXT_S = 10.0  # seconds of the continued track's tail fed to the first window
+MAX_CONTEXT_S = 20.0  # seconds; more leaves too little of a 30 s window for new music
+
+
+def parse_context(value: Any) -> float:
+    s = _parse_float("context", value, "--context")
+    if not 0 < s <= MAX_CONTEXT_S:
+        raise SettingsError(
+            f"context must be more than 0 and at most {MAX_CONTEXT_S:g} seconds, got {value!r}; e.g. --context 10"
+        )
+    return s
+
+
+def parse_continue_from(value: Any) -> str:
+    """A prompt file's ``continue_from``: the name of the track whose finished output this one continues."""
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f'continue_from must name another track, got {value!r}; e.g. continue_from = "phase3_combat"')
+    return value.strip()
+
+
+#: Keys that steer a track with audio (prompt files; the CLI has --continue-from FILE and --context).
+CONDITIONING_PARSERS = {
+    "continue_from": parse_continue_from,
+    "context": parse_context,
+}
+
+
 # ----------------------------------------------------------------- mastering (issue 4)
 
 DEFAULT_LOUDNESS_LUFS = -14.0  # LUFS integrated (BS.1770); None turns normalisation off

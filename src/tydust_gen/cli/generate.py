@@ -102,6 +102,13 @@ def generate_cmd(
     variations: Optional[str] = typer.Option(
         None, "--variations", "-n", metavar=INTEGER, help="Takes generated in one batch, written as TRACK_v1, TRACK_v2... (default 1)."
     ),
+    continue_from: Optional[Path] = typer.Option(
+        None, "--continue-from", metavar="FILE",
+        help="Continue this audio: its last --context seconds prompt the first window; the output holds only the new music.",
+    ),  # fmt: skip
+    context: Optional[str] = typer.Option(
+        None, "--context", metavar=FLOAT, help="Seconds of --continue-from (or the prompt file's continue_from) fed to the model (default 10, max 20)."
+    ),
     preview: bool = typer.Option(False, "--preview", help="Also write TRACK.png: waveform and spectrogram (needs matplotlib)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing outputs (default: refuse)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary; errors only."),
@@ -132,6 +139,8 @@ def generate_cmd(
             "meter": meter,
             "variations": variations,
             "preview": True if preview else None,
+            "continue_from": str(continue_from) if continue_from is not None else None,
+            "context": context,
         },
         model_ref=model,
         device_name=device,

@@ -78,7 +78,7 @@ def check_supported(loaded: LoadedModel) -> None:
         value = getattr(gen, attr, None)
         if value is not None and value != neutral:
             unsupported.append(attr)
-    if getattr(loaded.model.decoder.config, "audio_channels", 1) != 1:
+    if getattr(loaded.model.decoder.config, "audio_channels", 1) not in (1, 2):
         unsupported.append("audio_channels")
     if unsupported:
         raise GenerationError(
@@ -577,30 +577,40 @@ def make_chooser(loaded: LoadedModel, sampling: SamplingSettings) -> _Chooser:
 # ----------------------------------------------------------------------------- delay pattern
 
 
-def delay_pattern(prefix, batch: int, num_codebooks: int, new_frames: int, start_token: int, device):
+def codebook_delay(k: int, channels: int = 1) -> int:
+    """Delay of codebook row ``k``: ``k`` for mono; ``k // 2`` for stereo, whose rows alternate
+    left, right, left, ... and each left/right pair shares one delay (transformers' layout)."""
+    return k // channels
+
+
+def delay_pattern(prefix, batch: int, num_codebooks: int, new_frames: int, start_token: int, device, channels: int = 1):
     """The window's token grid with MusicGen's delay pattern, as transformers builds it.
 
-    Row k is shifted right by k + 1 positions behind a start token; positions not
-    yet valid for a codebook hold ``start_token``; positions to predict hold -1.
+    Row k is shifted right by d + 1 positions behind a start token, d =
+    :func:`codebook_delay` (k for mono); positions not yet valid for a codebook
+    hold ``start_token``; positions to predict hold -1.
 
     Args:
         prefix: int64 ``[B, K, P]`` codes kept token for token, or None.
         new_frames: frames to generate after the prefix.
+        channels: the model's audio channels (2: stereo, interleaved codebooks).
 
     Returns:
-        int64 ``[B, K, L]`` with ``L = P + new_frames + K``.
+        int64 ``[B, K, L]`` with ``L = P + new_frames + K / channels``.
     """
     import torch
 
     p = 0 if prefix is None else int(prefix.shape[-1])
-    length = p + new_frames + num_codebooks
+    depth = num_codebooks // channels
+    length = p + new_frames + depth
     grid = torch.full((batch, num_codebooks, length), -1, dtype=torch.long, device=device)
     for k in range(num_codebooks):
-        grid[:, k, : k + 1] = start_token
+        d = codebook_delay(k, channels)
+        grid[:, k, : d + 1] = start_token
         if p:
-            grid[:, k, k + 1 : k + 1 + p] = prefix[:, k].to(device)
-        # the tail: codebook k has no frame for the last K-1-k positions
-        grid[:, k, length - num_codebooks + 1 + k :] = start_token
+            grid[:, k, d + 1 : d + 1 + p] = prefix[:, k].to(device)
+        # the tail: codebook k has no frame for the last depth-1-d positions
+        grid[:, k, length - depth + 1 + d :] = start_token
     return grid
 
 
@@ -747,7 +757,8 @@ class FastBackend:
         rows = self._rows(cond, sampling)
         b, k = cond.batch_size, prep.num_codebooks
         start_token = int(loaded.model.generation_config.decoder_start_token_id)
-        grid = delay_pattern(prefix, b, k, new_frames, start_token, loaded.device)
+        channels = loaded.audio_channels
+        grid = delay_pattern(prefix, b, k, new_frames, start_token, loaded.device, channels)
         p = 0 if prefix is None else int(prefix.shape[-1])
         first = p + 1  # positions fed by the prefill: the start token and the prefix
         length = grid.shape[-1]
@@ -779,7 +790,8 @@ class FastBackend:
                     logits = _logits(prep, _decoder(prep, win, step_tokens, pos)[:, -1])
             del graph, win
             guard.check(length, force=True)
-            out = torch.stack([grid[:, i, p + 1 + i : p + 1 + i + new_frames] for i in range(k)], dim=1)
+            shift = [p + 1 + codebook_delay(i, channels) for i in range(k)]
+            out = torch.stack([grid[:, i, shift[i] : shift[i] + new_frames] for i in range(k)], dim=1)
         return out
 
     def teacher_forced_logits(

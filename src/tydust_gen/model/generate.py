@@ -33,7 +33,7 @@ class GeneratedTrack:
 
     Attributes:
         codes: int64 ``[B, K, T]`` tokens (B takes, K codebooks, T frames).
-        waveforms: one 32 kHz mono :class:`Waveform` per take, each ``[1, T × hop]``.
+        waveforms: one 32 kHz :class:`Waveform` per take, each ``[C, T × hop]`` (C: the model's channels).
         windows: the passes that produced the codes.
         steps: decoding steps run in total.
         seed: the seed used (None if none was set).
@@ -85,8 +85,13 @@ def generate_codes(
     progress: ProgressCallback | None = None,
     take_seeds: list[int] | None = None,
     sections: Sequence[SectionConditioning] = (),
+    prompt_codes: Any | None = None,
 ) -> tuple[Any, list[Window], int]:
     """Generate all codes of a track, window by window.
+
+    With ``prompt_codes`` (int64 ``[1, K, P]``, e.g. :func:`~tydust_gen.model.continuation.encode_prompt`
+    of another track's tail) the first window continues them: they are its
+    prefix, kept token for token, and are not part of the returned codes.
 
     With ``take_seeds`` (one per row of the batch; variations of one prompt)
     each take samples from its own stream seeded with its seed, kept across
@@ -113,8 +118,9 @@ def generate_codes(
     if sections and sections[0].start_s != 0:
         raise ValueError("the first section must start at 0 s")
     starts = [round(sc.start_s * loaded.frame_rate) for sc in sections[1:]]
-    windows = plan_windows(total, window_frames, stride_frames, starts)
-    total_steps = sum(window_steps(w, loaded.num_codebooks) for w in windows)
+    prompt_len = 0 if prompt_codes is None else int(prompt_codes.shape[-1])
+    windows = plan_windows(total, window_frames, stride_frames, starts, prompt_len)
+    total_steps = sum(window_steps(w, loaded.delay_codebooks) for w in windows)
     done = 0
 
     def on_step() -> None:
@@ -135,6 +141,10 @@ def generate_codes(
     if sections and any(sc.cond.batch_size != sections[0].cond.batch_size for sc in sections):
         raise ValueError("every section's conditioning must have the same batch size")
     codes = None
+    if prompt_codes is not None:
+        if prompt_codes.shape[:2] != (1, loaded.num_codebooks):
+            raise ValueError(f"prompt codes of shape {tuple(prompt_codes.shape)} for a {loaded.num_codebooks}-codebook model")
+        codes = prompt_codes.to(loaded.device).expand(cond.batch_size, -1, -1).contiguous()
     try:
         with torch.inference_mode():
             for w in windows:
@@ -152,30 +162,46 @@ def generate_codes(
         ) from exc
     if progress is not None:
         progress(total_steps, total_steps)
-    return codes, windows, total_steps
+    return codes[:, :, prompt_len:], windows, total_steps
 
 
-def decode_codes(loaded: LoadedModel, codes) -> list[Waveform]:
-    """EnCodec-decode ``[B, K, T]`` codes into B mono float32 waveforms at the model rate.
+def decode_codes(loaded: LoadedModel, codes, lead_in=None) -> list[Waveform]:
+    """EnCodec-decode ``[B, K, T]`` codes into B float32 ``[C, N]`` waveforms at the model rate.
 
     Takes are decoded one at a time: a batched convolution may round differently
     from a single one, and a take of a batch must decode to exactly the samples
     it has when generated alone from its seed. EnCodec's LSTM and convolutions
     each run over the whole track in one torch call (seconds for a long track),
     so the decode runs where Ctrl-C does not wait for it (:func:`signals.interruptible`).
+
+    ``lead_in`` (int64 ``[1, K, P]``,
+    a continuation's prompt codes) is decoded ahead of each take and cut off
+    again, so EnCodec's convolutions and LSTM start the new music from the old
+    one's state instead of from silence. A stereo model's codebooks
+    alternate left, right, left, ... (transformers' layout); each channel's
+    codebooks go through the mono EnCodec on their own, left then right.
     """
-    return signals.interruptible(_decode_takes, loaded, codes)
+    return signals.interruptible(_decode_takes, loaded, codes, lead_in)
 
 
-def _decode_takes(loaded: LoadedModel, codes) -> list[Waveform]:
+def _decode_takes(loaded: LoadedModel, codes, lead_in=None) -> list[Waveform]:
     import torch
 
-    expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
+    hop = loaded.sample_rate // loaded.frame_rate
+    expected = codes.shape[-1] * hop
+    skip = 0 if lead_in is None else int(lead_in.shape[-1]) * hop
+    channels = loaded.audio_channels
     waves = []
     with torch.inference_mode():
         for take in codes.split(1, dim=0):
-            audio = loaded.model.audio_encoder.decode(take[None], audio_scales=[None]).audio_values
-            waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
+            if lead_in is not None:
+                take = torch.cat([lead_in.to(take.device), take], dim=-1)
+            sides = [
+                loaded.model.audio_encoder.decode(take[None, :, c::channels], audio_scales=[None]).audio_values
+                for c in range(channels)
+            ]
+            audio = torch.cat(sides, dim=1)
+            waves.append(Waveform(samples=audio[0, :, skip : skip + expected].float().cpu(), sample_rate=loaded.sample_rate))
     return waves
 
 

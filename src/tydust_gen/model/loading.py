@@ -30,6 +30,8 @@ DEFAULT_MODEL = "facebook/musicgen-small"
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 #: ``--dtype`` values; "auto" picks bf16 on a bf16-capable GPU, else fp16 on CUDA, fp32 on the CPU.
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
+#: Decoder ``audio_channels`` we can run: mono, and stereo (left/right codebooks interleaved).
+SUPPORTED_AUDIO_CHANNELS = (1, 2)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -62,9 +64,12 @@ class LoadedModel:
         source: where it was loaded from.
         sample_rate: EnCodec output rate, Hz (32,000 for musicgen-small).
         frame_rate: codec frames per second (50 for musicgen-small).
-        num_codebooks: parallel token streams per frame (4).
+        num_codebooks: parallel token streams per frame (4; 8 for stereo: left/right interleaved).
         codebook_size: tokens per codebook (2048).
         max_positions: longest decoder sequence, frames + delay + start token.
+        audio_channels: channels the decoder's codebooks carry (1, or 2 for the stereo checkpoints,
+            whose codebooks alternate left, right, left, ... and decode through EnCodec one channel at a time).
+        family: ``"mono"``, ``"stereo"`` or ``"melody"``, for tags, ``--json`` and the record.
     """
 
     model: Any
@@ -77,11 +82,18 @@ class LoadedModel:
     num_codebooks: int
     codebook_size: int
     max_positions: int
+    audio_channels: int = 1
+    family: str = "mono"
+
+    @property
+    def delay_codebooks(self) -> int:
+        """Codebooks per channel: the delay pattern's depth (a stereo pair shares one delay)."""
+        return self.num_codebooks // self.audio_channels
 
     @property
     def max_window_frames(self) -> int:
         """Most frames one window may hold: positions minus the start token and the codebook delay."""
-        return self.max_positions - self.num_codebooks
+        return self.max_positions - self.delay_codebooks
 
 
 def offline_mode() -> bool:
@@ -309,8 +321,12 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
         for r in audio_cfg.upsampling_ratios:
             hop *= r
         frame_rate = audio_cfg.sampling_rate // hop
-    if dec_cfg.audio_channels != 1:
-        raise ModelError(f"model {source.ref} is a stereo MusicGen; tydust-gen supports the mono checkpoints")
+    channels = int(getattr(dec_cfg, "audio_channels", 1))
+    if channels not in SUPPORTED_AUDIO_CHANNELS or dec_cfg.num_codebooks % channels:
+        raise ModelError(
+            f"model {source.ref} has {dec_cfg.num_codebooks} codebooks for {channels} audio channels; "
+            "tydust-gen runs the mono and stereo MusicGen checkpoints"
+        )
     return LoadedModel(
         model=model,
         processor=processor,
@@ -322,4 +338,11 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
         num_codebooks=int(dec_cfg.num_codebooks),
         codebook_size=int(dec_cfg.vocab_size),
         max_positions=int(dec_cfg.max_position_embeddings),
+        audio_channels=channels,
+        family=model_family(channels),
     )
+
+
+def model_family(audio_channels: int) -> str:
+    """The family name a run reports: ``mono`` or ``stereo``."""
+    return "stereo" if audio_channels == 2 else "mono"

@@ -120,7 +120,7 @@ class StockBackend:
                 attention_mask=self_mask,
                 encoder_hidden_states=cond.hidden,
                 encoder_attention_mask=cond.mask,
-                max_new_tokens=new_frames + k - 1,
+                max_new_tokens=new_frames + loaded.delay_codebooks - 1,
                 pad_token_id=gen_cfg.pad_token_id,
                 bos_token_id=gen_cfg.bos_token_id,
                 decoder_start_token_id=start,

@@ -22,6 +22,7 @@ TINY_UPSAMPLING_RATIOS = [8, 5, 4, 4]
 TINY_SAMPLE_RATE = 32_000  # Hz, same as musicgen-small
 TINY_MAX_POSITIONS = 2048  # decoder positions, as musicgen-small (sinusoidal: no weights)
 TINY_MAX_PROMPT_TOKENS = 512  # tokens, the model_max_length of the real T5 tokenizer
+TINY_CODEC_CODEBOOKS = 4  # EnCodec codebooks per channel, as the 32 kHz EnCodec of musicgen-small
 
 
 def _vocab() -> list[tuple[str, float]]:
@@ -37,8 +38,14 @@ def _vocab() -> list[tuple[str, float]]:
     return [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(seen)]
 
 
-def build_tiny_model(seed: int = 0):
+def build_tiny_model(seed: int = 0, *, stereo: bool = False):
     """Build a tiny random ``MusicgenForConditionalGeneration`` and its processor.
+
+    Args:
+        seed: torch seed of the random weights.
+        stereo: the layout of ``facebook/musicgen-stereo-small``: a decoder with
+            ``audio_channels=2`` and 8 codebooks (left, right, left, ... interleaved)
+            over the same mono 4-codebook EnCodec, which decodes each channel alone.
 
     Returns:
         ``(model, processor)``; the model is in eval mode, fp32, on the CPU.
@@ -80,7 +87,9 @@ def build_tiny_model(seed: int = 0):
         codebook_size=TINY_CODEBOOK_SIZE,
         codebook_dim=16,
         num_lstm_layers=1,
-        target_bandwidths=[2.2],  # 4 codebooks x 11 bits x 50 Hz, as musicgen-small
+        # 4 codebooks x 8 bits (256 codes) x 50 Hz: encode() then gives the decoder's 4 codebooks per
+        # channel, as 2.2 kbps (4 x 11 bits x 50 Hz) does for the real EnCodec of musicgen-small
+        target_bandwidths=[TINY_CODEC_CODEBOOKS * 8 * 50 / 1000],
         use_conv_shortcut=False,
         normalize=False,
     )
@@ -91,10 +100,10 @@ def build_tiny_model(seed: int = 0):
         ffn_dim=64,
         num_attention_heads=4,
         hidden_size=32,
-        num_codebooks=4,
+        num_codebooks=TINY_CODEC_CODEBOOKS * (2 if stereo else 1),
         pad_token_id=TINY_CODEBOOK_SIZE,
         bos_token_id=TINY_CODEBOOK_SIZE,
-        audio_channels=1,
+        audio_channels=2 if stereo else 1,
     )
     config = MusicgenConfig(text_encoder=text_cfg, audio_encoder=audio_cfg, decoder=decoder_cfg)
     torch.manual_seed(seed)
@@ -119,15 +128,15 @@ def build_tiny_model(seed: int = 0):
     return model, processor
 
 
-def save_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+def save_tiny_model(directory: str | Path, seed: int = 0, *, stereo: bool = False) -> Path:
     """Build the tiny model and save model + processor with ``save_pretrained``.
 
     The directory then loads like a downloaded ``facebook/musicgen-small``
-    snapshot: ``tydust-gen TRACK --model DIR``.
+    (``stereo``: ``facebook/musicgen-stereo-small``) snapshot: ``tydust-gen TRACK --model DIR``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, processor = build_tiny_model(seed)
+    model, processor = build_tiny_model(seed, stereo=stereo)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

@@ -38,16 +38,25 @@ class Window:
     section: int = 0
 
 
-def window_steps(window: Window, num_codebooks: int) -> int:
-    """Decoding steps for one window: one per frame plus the codebook delay."""
-    return window.new_frames + num_codebooks - 1
+def window_steps(window: Window, delay_codebooks: int) -> int:
+    """Decoding steps for one window: one per frame plus the codebook delay.
+
+    ``delay_codebooks`` is the delay pattern's depth: the codebook count of a mono
+    model, half of it for a stereo one (its left/right pairs share one delay).
+    """
+    return window.new_frames + delay_codebooks - 1
 
 
-def plan_windows(total_frames: int, window_frames: int, stride_frames: int, section_starts: Sequence[int] = ()) -> list[Window]:
+def plan_windows(
+    total_frames: int, window_frames: int, stride_frames: int, section_starts: Sequence[int] = (), prompt_frames: int = 0
+) -> list[Window]:
     """Split ``total_frames`` into overlapping passes (audiocraft's extend_stride).
 
     ``section_starts`` are the frames where sections 1, 2, ... begin (section 0
-    begins at frame 0); a pass never crosses one.
+    begins at frame 0); a pass never crosses one. ``prompt_frames`` of given
+    codes (a continued track's tail) come before the track: the first window
+    holds them as its context and adds what is left of the window; later windows
+    may reach back into them.
 
     >>> plan_windows(4500, 1500, 900)[:3]
     [Window(context_frames=0, new_frames=1500, section=0), Window(context_frames=600, new_frames=900, section=0), Window(context_frames=600, new_frames=900, section=0)]
@@ -61,6 +70,11 @@ def plan_windows(total_frames: int, window_frames: int, stride_frames: int, sect
             f"stride must be shorter than the window and at least one frame "
             f"(got window {window_frames} frames, stride {stride_frames}); e.g. --window 30 --stride 18"
         )
+    if prompt_frames >= window_frames:
+        raise SettingsError(
+            f"the continuation context ({prompt_frames} frames) must be shorter than the window "
+            f"({window_frames} frames); use a shorter --context or a longer --window"
+        )
     starts = list(section_starts)
     if any(b <= a for a, b in zip([0, *starts], starts)) or (starts and starts[-1] >= total_frames):
         raise SettingsError(f"section starts {starts} must increase and fall inside the track's {total_frames} frames")
@@ -71,13 +85,13 @@ def plan_windows(total_frames: int, window_frames: int, stride_frames: int, sect
     def room(done: int) -> int:  # frames until the next section start (or the end)
         return min([s for s in starts if s > done] + [total_frames]) - done
 
-    first = min(total_frames, window_frames, room(0))
-    windows = [Window(0, first, 0)]
+    first = min(total_frames, window_frames - prompt_frames, room(0))
+    windows = [Window(prompt_frames, first, 0)]
     done = first
     context = window_frames - stride_frames
     while done < total_frames:
         new = min(stride_frames, room(done))
-        windows.append(Window(min(context, done), new, section_at(done)))
+        windows.append(Window(min(context, done + prompt_frames), new, section_at(done)))
         done += new
     return windows
 

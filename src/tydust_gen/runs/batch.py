@@ -290,7 +290,73 @@ def plan_tracks(request: BatchRequest) -> list[TrackPlan]:
                     f"tracks {other!r} and {name!r} would both write {path}; rename one of them or give them different folders"
                 )
         plans.append(plan)
-    return plans
+    return order_continuations(plans)
+
+
+def order_continuations(plans: list[TrackPlan]) -> list[TrackPlan]:
+    """Plans in render order: a track that continues another of the batch comes after it.
+
+    A ``continue_from`` naming a track of this batch points at that track's output
+    folder (the file appears when it renders); one naming a track outside the batch
+    needs that track's finished output already on disk.
+
+    Raises:
+        SettingsError: the continuations form a cycle, or a continued output is missing.
+    """
+    from tydust_gen.runs.pipeline import continuation_output
+
+    by_name = {p.spec.name: p for p in plans}
+    fixed: dict[str, TrackPlan] = {}
+    for plan in plans:
+        cont = plan.continuation
+        if cont is not None and cont.track is not None:
+            source = by_name.get(cont.track)
+            if source is not None:
+                cont = replace(cont, path=continuation_output(source.out_dir, source.takes[0]))
+            elif not cont.path.is_file():
+                raise SettingsError(
+                    f"{plan.spec.path}: continue_from = {cont.track!r} but {cont.path} does not exist; "
+                    f"render {cont.track} first or add it to this batch"
+                )
+            plan = replace(plan, continuation=cont)
+        fixed[plan.spec.name] = plan
+    ordered: list[TrackPlan] = []
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            loop = " → ".join([*chain[chain.index(name) :], name])
+            raise SettingsError(f"continue_from makes a cycle ({loop}); one of these tracks must start fresh")
+        state[name] = "visiting"
+        cont = fixed[name].continuation
+        if cont is not None and cont.track in fixed:
+            visit(cont.track, [*chain, name])
+        state[name] = "done"
+        ordered.append(fixed[name])
+
+    for plan in plans:
+        visit(plan.spec.name, [])
+    return ordered
+
+
+def check_memory(source, device, plans: list[TrackPlan], what: str) -> None:
+    """Refuse, before loading, a model this device has no room for (weights + cache + decode).
+
+    Raises:
+        DeviceError: the estimate is above the free memory (the message gives both).
+    """
+    from tydust_gen.model import memory
+
+    config = memory.config_for(source)
+    if config is None:
+        return  # the load says what is wrong with the snapshot
+    # CFG doubles the rows; a loop generates an overrun past --duration (at most a few bars, counted as 30 s)
+    rows = max(2 * len(p.takes) for p in plans)
+    duration = max(p.settings.duration_s + (30.0 if p.mastering.loop else 0.0) for p in plans)
+    need = memory.estimate_for_config(config, dtype_bytes=2 if device.type == "cuda" else 4, rows=rows, duration_s=duration)
+    memory.check_fits(need, device, what=what)
 
 
 
@@ -387,6 +453,7 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
                 )
                 results.extend(rendered)
             else:
+                check_memory(source, device, plans, request.model_ref)
                 if fell_back:
                     listener.warn("no CUDA GPU found; generating on the CPU, which is much slower")
                 listener.info(f"loading {request.model_ref} on {device}…")
@@ -452,6 +519,8 @@ def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
         "steps": r.steps,
         "windows": r.windows,
         "sections": r.sections,
+        "model_family": r.model_family,
+        "continuation": r.continuation,
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
         "decode_path": r.decode_path,
     }

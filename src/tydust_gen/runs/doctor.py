@@ -146,6 +146,23 @@ def check_torch(device_name: str = "auto") -> list[Check]:
     return checks
 
 
+def check_model_sizes() -> list[Check]:
+    """Which published MusicGen sizes fit this machine's free memory for a 30 s track (estimates, model/memory.py)."""
+    import torch
+
+    from tydust_gen.model import memory
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    free = memory.available_bytes(device)
+    if free is None:
+        return [Check("model sizes", True, "free memory unknown on this system; sizes not checked", required=False)]
+    parts = []
+    for size in memory.KNOWN_SIZES:
+        need = memory.estimate_known_size(size, dtype_bytes=2 if device.type == "cuda" else 4)
+        parts.append(f"{size} {memory.gb(need.total)} {'fits' if need.total <= free else 'does not fit'}")
+    return [Check("model sizes", True, f"{', '.join(parts)} ({memory.gb(free)} free on {device.type})", required=False)]
+
+
 def check_cpu_kernel() -> list[Check]:
     """The fast backend's CPU kernel (built here on first use; optional, MKL otherwise)."""
     from tydust_gen.model import cpu_kernel
@@ -205,7 +222,7 @@ def check_disk(out_dir: Path) -> list[Check]:
 
 def run_checks(model_ref: str, out_dir: Path, device_name: str = "auto") -> list[Check]:
     """Every check, in report order."""
-    return [Check("tydust-gen", True, __version__, required=False), *check_torch(device_name), *check_cpu_kernel(), *check_ffmpeg(), *check_model(model_ref), *check_disk(out_dir)]
+    return [Check("tydust-gen", True, __version__, required=False), *check_torch(device_name), *check_model_sizes(), *check_cpu_kernel(), *check_ffmpeg(), *check_model(model_ref), *check_disk(out_dir)]
 
 
 def selftest(device_name: str = "cpu") -> Check:

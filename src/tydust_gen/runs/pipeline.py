@@ -23,10 +23,12 @@ from tydust_gen.audio import loop as loop_stage
 from tydust_gen.audio import master as master_stage
 from tydust_gen.audio import resample as audio
 from tydust_gen.base import faults
-from tydust_gen.base.errors import SettingsError, UsageError
+from tydust_gen.base.errors import SettingsError, TydustError, UsageError
 from tydust_gen.base.prompts import TrackSpec, check_sections, load_track
 from tydust_gen.base.settings import (
+    DEFAULT_CONTEXT_S,
     MAX_SEED,
+    parse_context,
     beats_per_bar,
     GenerationSettings,
     MasteringSettings,
@@ -54,6 +56,21 @@ _TAG_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # ORG/NAME, 
 
 
 @dataclass(frozen=True)
+class Continuation:
+    """The audio a track continues: its tail becomes the first window's prefix.
+
+    Attributes:
+        path: the audio file (any format ffmpeg reads).
+        context_s: seconds of its end fed to the model (at most ``MAX_CONTEXT_S``).
+        track: the track it belongs to when the prompt file named one (``continue_from``), else None.
+    """
+
+    path: Path
+    context_s: float = DEFAULT_CONTEXT_S
+    track: str | None = None
+
+
+@dataclass(frozen=True)
 class TrackPlan:
     """A track whose inputs all checked out.
 
@@ -65,6 +82,7 @@ class TrackPlan:
         outputs: ``{"mp3": path, "ogg": path}`` of the first take.
         mastering: loudness, fades, loop, variations, preview.
         takes: output base names, one per variation (``[name]`` for one take).
+        continuation: the audio this track continues, or None.
     """
 
     spec: TrackSpec
@@ -74,6 +92,7 @@ class TrackPlan:
     outputs: dict[str, Path]
     mastering: MasteringSettings = field(default_factory=MasteringSettings)
     takes: tuple[str, ...] = ()
+    continuation: Continuation | None = None
 
 
 @dataclass
@@ -103,6 +122,8 @@ class TrackResult:
             generation windows that were conditioned on it (0-based); None otherwise.
         decode_path: which decode path ran and the self-check's measured error
             (:attr:`tydust_gen.model.selfcheck.CheckedBackend.report`), or None for an unchecked backend.
+        model_family: ``mono`` / ``stereo`` (:attr:`LoadedModel.family`): where left and right came from.
+        continuation: the continued audio: ``{"path", "track", "sha256", "context_s", "prompt_frames"}``, or None.
     """
 
     name: str
@@ -121,6 +142,8 @@ class TrackResult:
     preview: Path | None = None
     sections: list[dict[str, Any]] | None = None
     decode_path: dict[str, Any] | None = None
+    model_family: str | None = None
+    continuation: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -164,6 +187,7 @@ def plan_track(
             "random stream, so a take could not be reproduced from its own seed"
         )
     outputs = export.output_paths(dest, takes[0])
+    continuation = plan_continuation(spec, cli_settings, dest)
     if not overwrite:
         for take in takes:
             # the record too: TRACK.json alone (audio deleted by hand) is still an earlier take's history
@@ -173,7 +197,74 @@ def plan_track(
             existing = [p for p in candidates if p.exists()]
             if existing:
                 raise UsageError(f"{existing[0]} already exists; pass --force to replace it")
-    return TrackPlan(spec, settings, seed_was_random, dest, outputs, mastering, takes)
+    return TrackPlan(spec, settings, seed_was_random, dest, outputs, mastering, takes, continuation)
+
+
+def continuation_output(out_dir: Path, track: str) -> Path:
+    """The finished output of ``track`` that a ``continue_from`` names: its OGG (no encoder delay at the start)."""
+    return export.output_paths(out_dir, track)["ogg"]
+
+
+def plan_continuation(spec: TrackSpec, cli_settings: Mapping[str, Any], dest: Path) -> Continuation | None:
+    """The audio ``spec`` continues: ``--continue-from FILE`` beats the prompt file's ``continue_from = "TRACK"``.
+
+    A named track's output is looked for in ``dest``; it need not exist yet when the
+    same batch renders that track first (:func:`tydust_gen.runs.batch.order_continuations`).
+
+    Raises:
+        SettingsError: a bad ``--context``, a missing ``--continue-from`` file, or a track continuing itself.
+    """
+    raw_context = cli_settings.get("context")
+    context = parse_context(raw_context) if raw_context is not None else spec.settings.get("context", DEFAULT_CONTEXT_S)
+    given = cli_settings.get("continue_from")
+    if given is not None:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise SettingsError(f"--continue-from {given}: no such file; pass the audio to continue")
+        return Continuation(path=path, context_s=context)
+    track = spec.settings.get("continue_from")
+    if track is None:
+        return None
+    if track == spec.name:
+        raise SettingsError(f"{spec.path}: continue_from names the track itself; name the track it follows")
+    return Continuation(path=continuation_output(dest, track), context_s=context, track=track)
+
+
+def continuation_prompt(loaded: LoadedModel, cont: Continuation):
+    """The tail of ``cont``'s audio as prompt codes ``[1, K, P]``, and the facts the record keeps.
+
+    The file is decoded by ffmpeg at the model's rate and channel count (a mono file
+    feeds both sides of a stereo model, a stereo file is mixed down for a mono one);
+    the last ``context_s`` seconds, a whole number of codec frames, are EnCodec-encoded.
+
+    Raises:
+        UsageError: the file is missing or ffmpeg cannot decode it.
+    """
+    import torch
+
+    from tydust_gen.export.loudness import decode_audio
+    from tydust_gen.export.verify import sha256_file
+    from tydust_gen.model.continuation import encode_prompt, prompt_frames
+
+    if not cont.path.is_file():
+        what = f"the output of {cont.track!r}" if cont.track else "the audio to continue"
+        raise UsageError(f"{cont.path} ({what}) does not exist; render {cont.track or 'it'} first")
+    try:
+        samples = decode_audio(cont.path, sample_rate=loaded.sample_rate, channels=loaded.audio_channels)
+    except TydustError as exc:
+        raise UsageError(f"{cont.path}: ffmpeg cannot read it as audio; pass an audio file ({exc})") from None
+    frames = prompt_frames(loaded, cont.context_s, samples.shape[-1])
+    hop = loaded.sample_rate // loaded.frame_rate
+    tail = torch.from_numpy(np.array(samples[:, samples.shape[-1] - frames * hop :], dtype=np.float32))
+    codes = encode_prompt(loaded, tail)
+    facts = {
+        "path": str(cont.path.resolve()),
+        "track": cont.track,
+        "sha256": sha256_file(cont.path),
+        "context_s": cont.context_s,
+        "prompt_frames": frames,
+    }
+    return codes, facts
 
 
 def model_tag_id(source: ModelSource) -> str:
@@ -200,12 +291,16 @@ def model_tag_id(source: ModelSource) -> str:
     return folder.name
 
 
-def comment_for(plan: TrackPlan, model_id: str, take: int = 1) -> str:
-    """The comment tag: prompt, seed and model id (:func:`model_tag_id`) (and take of a batch), so a file says how it was made."""
+def comment_for(plan: TrackPlan, model_id: str, take: int = 1, family: str | None = None) -> str:
+    """The comment tag: prompt, seed and model id (:func:`model_tag_id`) (and take of a batch), so a file says how it was made.
+
+    ``family`` (``mono``/``stereo``) follows the model id when given.
+    """
+    model = model_id if family is None else f"{model_id} ({family})"
     if len(plan.takes) > 1:
         seed = variation_seed(plan.settings.seed, take - 1)
-        return f"{plan.spec.described} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model_id}"
-    return f"{plan.spec.described} | seed={plan.settings.seed} | model={model_id}"
+        return f"{plan.spec.described} | seed={seed} (take {take}/{len(plan.takes)} of batch seed {plan.settings.seed}) | model={model}"
+    return f"{plan.spec.described} | seed={plan.settings.seed} | model={model}"
 
 
 def section_conditioning(loaded: LoadedModel, plan: TrackPlan) -> list[SectionConditioning]:
@@ -291,13 +386,14 @@ def render_takes(
     take_seeds = (
         [variation_seed(plan.settings.seed, i) for i in range(len(plan.takes))] if len(plan.takes) > 1 else None
     )
+    prompt_codes, continued = (None, None) if plan.continuation is None else continuation_prompt(loaded, plan.continuation)
     codes, windows, steps = generate.generate_codes(
-        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds, sections=sections
+        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds, sections=sections, prompt_codes=prompt_codes
     )
     t1 = time.perf_counter()
     announce("decoding")
     faults.hook("decode")
-    waves = generate.decode_codes(loaded, codes)
+    waves = generate.decode_codes(loaded, codes, lead_in=prompt_codes)
     t2 = time.perf_counter()
     # Generation and decoding run once for the whole batch of takes; each take reports the batch time.
     per_take_shared = {"generate": t1 - t0, "decode": t2 - t1}
@@ -316,7 +412,7 @@ def render_takes(
         tags = TrackTags(
             title=plan.spec.title if len(plan.takes) == 1 else f"{plan.spec.title} (take {index})",
             genre=plan.spec.genre,
-            comment=comment_for(plan, model_tag_id(loaded.source), take=index),
+            comment=comment_for(plan, model_tag_id(loaded.source), take=index, family=loaded.family),
             bpm=plan.spec.bpm if plan.spec.bpm is not None else (loop_info or {}).get("bpm"),
         )
         batch = len(plan.takes) > 1
@@ -331,6 +427,8 @@ def render_takes(
             takes=len(plan.takes),
             sections=section_windows(plan, windows),
             decode_path=getattr(backend, "report", None),
+            model_family=loaded.family,
+            continuation=continued,
         )
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
@@ -400,7 +498,8 @@ def prepare_take_audio(
     """The model's output (32 kHz) → 44.1 kHz stereo → DC removal → loop on the bar, or fades.
 
     Args:
-        wave: one take as decoded by EnCodec, ``[1, N]`` at the model's rate.
+        wave: one take as decoded by EnCodec, ``[C, N]`` at the model's rate (C = 2: the
+            model's own left/right, kept; C = 1: copied to both sides).
         generated_s: seconds generated (the track plus the loop overrun in loop mode).
         duration_s: the track's length, seconds (the loop length in loop mode).
         mastering: fades, loop mode, bars and meter.

@@ -316,6 +316,10 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "mastering": to_jsonable(plan.mastering),
         "seed_was_random": plan.seed_was_random,
         "model": with_revision(model),
+        # mono / stereo: which MusicGen family made the take (stereo: left and right from the model)
+        "model_family": loaded.family,
+        # the audio whose tail prompted the first window: {"path", "track", "sha256", "context_s", "prompt_frames"}
+        "continuation": result.continuation,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),  # the decoder's compute dtype (--dtype)
         "precision": precision(loaded),

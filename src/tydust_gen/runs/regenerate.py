@@ -22,10 +22,10 @@ from tydust_gen.base.variations import variation_names
 from tydust_gen.export import staging as export
 from tydust_gen.export.encode import FFMPEG_TIMEOUT_S
 from tydust_gen.export.ffmpeg import Ffmpeg, check_encoders, find_ffmpeg
-from tydust_gen.export.verify import ExportedFile
+from tydust_gen.export.verify import ExportedFile, sha256_file
 from tydust_gen.runs import provenance
 from tydust_gen.runs.batch import RunListener, render_planned
-from tydust_gen.runs.pipeline import TrackPlan, TrackResult
+from tydust_gen.runs.pipeline import Continuation, TrackPlan, TrackResult
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,28 @@ def plan_from_record(data: dict[str, Any], record_file: Path, out_dir: Path | No
     if existing and not force:
         raise UsageError(f"{existing[0]} already exists; pass --out-dir DIR to regenerate elsewhere, or --force to replace it")
     outputs = export.output_paths(dest, takes[0])
-    return TrackPlan(spec, settings, bool(data.get("seed_was_random")), dest, outputs, mastering, takes)
+    continuation = continuation_from_record(data, record_file)
+    return TrackPlan(spec, settings, bool(data.get("seed_was_random")), dest, outputs, mastering, takes, continuation)
+
+
+def continuation_from_record(data: dict[str, Any], record_file: Path) -> Continuation | None:
+    """The continued audio a record names, found where it was or beside the record (a moved folder).
+
+    Raises:
+        UsageError: the audio is gone, or its sha256 is not the recorded one (the take would differ).
+    """
+    facts = data.get("continuation")
+    if not facts:
+        return None
+    recorded = Path(facts["path"])
+    candidates = [recorded, record_file.parent / recorded.name]
+    found = next((p for p in candidates if p.is_file() and sha256_file(p) == facts["sha256"]), None)
+    if found is None:
+        raise UsageError(
+            f"{record_file} continues {recorded}, which is missing or has changed since (sha256 differs); "
+            "put the original audio back to regenerate this take"
+        )
+    return Continuation(path=found, context_s=float(facts["context_s"]), track=facts.get("track"))
 
 
 def decoded_sha256(ffmpeg: Ffmpeg, path: Path) -> str | None:
