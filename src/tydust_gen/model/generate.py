@@ -5,7 +5,9 @@ the first window makes up to ``window`` seconds; every further window is
 prompted with the last ``window - stride`` seconds of codes and adds up to
 ``stride`` seconds of new codes. The prefix is kept token for token, so the
 result has exactly ``ceil(duration × frame_rate)`` frames with nothing repeated
-or missing at a join. The codes are decoded by EnCodec once, at the end.
+or missing at a join. The codes are decoded by EnCodec once, at the end, in
+windows that keep memory bounded and give the samples a single call would
+(:func:`decode_take`).
 
 How one window is decoded is a :class:`CodeBackend`; ``StockBackend`` runs
 transformers' own ``generate``. The random number generator is seeded once per
@@ -24,6 +26,17 @@ from tydust_gen.model.loading import LoadedModel
 
 #: progress(done_steps, total_steps) — decoding steps across all windows of a track.
 ProgressCallback = Callable[[int, int], None]
+
+# EnCodec decoding in windows (decode_take). 500 frames are 10 s at 50 Hz: the upsampling layers then hold
+# about 0.3 GB of activations at a time on the full-size model, against ~2 GB per minute of audio in one call.
+DECODE_CHUNK_FRAMES = 500  # frames per window of the upsampling layers (and per LSTM slice)
+# A frame reaches 0.75 frame past its own span through the layers after the LSTM, and a window's edge padding
+# as far: 2 frames of context already give one call's samples, 1 does not (measured on musicgen-small's layout,
+# tests/test_decode.py). 10 frames (0.2 s) each side leave a wide margin for 4 % more work.
+DECODE_CONTEXT_FRAMES = 10  # frames
+
+# What torch and the C library say when an allocation fails (CPU: "DefaultCPUAllocator: can't allocate memory").
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
 
 
 @dataclass(frozen=True)
@@ -141,22 +154,171 @@ def generate_codes(
     return codes, windows, total_steps
 
 
-def decode_codes(loaded: LoadedModel, codes) -> list[Waveform]:
+def decode_codes(
+    loaded: LoadedModel,
+    codes,
+    *,
+    chunk_frames: int = DECODE_CHUNK_FRAMES,
+    context_frames: int = DECODE_CONTEXT_FRAMES,
+) -> list[Waveform]:
     """EnCodec-decode ``[B, K, T]`` codes into B mono float32 waveforms at the model rate.
 
     Takes are decoded one at a time: a batched convolution may round differently
     from a single one, and a take of a batch must decode to exactly the samples
     it has when generated alone from its seed.
+
+    Memory stays bounded whatever the length (see :func:`decode_take`): only the
+    frame-rate part of the decoder sees the whole track; the upsampling layers,
+    whose activations are what grows (64 channels at 32 kHz, several GB for a
+    long track in one call), run on windows of ``chunk_frames`` frames with
+    ``context_frames`` of context on each side that is computed and discarded.
+
+    Raises:
+        GenerationError: memory ran out (GPU or CPU), with what to do about it.
     """
     import torch
 
     expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
     waves = []
-    with torch.inference_mode():
-        for take in codes.split(1, dim=0):
-            audio = loaded.model.audio_encoder.decode(take[None], audio_scales=[None]).audio_values
-            waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
+    try:
+        with torch.inference_mode():
+            for take in codes.split(1, dim=0):
+                audio = decode_take(loaded.model.audio_encoder, take, chunk_frames=chunk_frames, context_frames=context_frames)
+                waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory_error(exc, "decoding the audio") from exc
     return waves
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's and Python's out-of-memory errors (CUDA, CPU allocator, numpy)."""
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _OOM_MARKERS)
+
+
+def out_of_memory_error(exc: BaseException, doing: str) -> GenerationError:
+    """The one-line error for an out-of-memory ``exc`` raised while ``doing`` (e.g. "decoding the audio")."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "cuda" in str(exc).lower():
+        return GenerationError(f"the GPU ran out of memory while {doing}; close other programs using the GPU or use --device cpu")
+    return GenerationError(f"the computer ran out of memory while {doing}; close other programs or use a shorter --duration")
+
+
+@dataclass(frozen=True)
+class _StagedDecoder:
+    """EnCodec's decoder cut where chunking is exact: frame-rate head, LSTM, time-local upsampling tail."""
+
+    head: Any  # the first convolution, at the frame rate
+    lstm: Any  # torch.nn.LSTM inside EncodecLSTM (whose forward adds the input back)
+    tail: list[Any]  # ELU / transposed convolutions / residual blocks / last convolution
+    hop: int  # samples per frame
+
+
+def staged_decoder(encodec) -> _StagedDecoder | None:
+    """Split transformers' ``EncodecModel`` decoder for chunked decoding, or None if it is not laid out as expected.
+
+    The SEANet decoder is ``conv → LSTM → (ELU, transposed conv, residual block) × 4 → ELU → conv``.
+    Everything after the LSTM is convolutional and reaches only a couple of frames
+    to each side, so windows of frames with a little context on each side decode to
+    the same samples as the whole track. The LSTM is not local (its state carries
+    the whole past), so it runs over the whole track at the frame rate, in time
+    slices that hand their state on, which is exact too. A layout we do not
+    recognise (another transformers version, a group-normalised or chunked 48 kHz
+    model) returns None and is decoded in one call, as before.
+    """
+    import torch.nn as nn
+    from torch.nn.utils import parametrize
+
+    try:
+        from transformers.models.encodec import modeling_encodec as me
+    except ImportError:  # pragma: no cover - transformers always ships EnCodec
+        return None
+    layers = getattr(getattr(encodec, "decoder", None), "layers", None)
+    config = getattr(encodec, "config", None)
+    if layers is None or config is None or getattr(config, "chunk_length", None) is not None or len(layers) < 3:
+        return None
+    if not isinstance(layers[1], me.EncodecLSTM) or type(layers[1]).forward is not me.EncodecLSTM.forward:
+        return None
+    lstm = layers[1].lstm
+    if not isinstance(lstm, nn.LSTM) or lstm.batch_first or lstm.bidirectional or lstm.proj_size:
+        return None
+    local_in_time = (
+        me.EncodecConv1d, me.EncodecConvTranspose1d, me.EncodecResnetBlock,
+        nn.Conv1d, nn.ConvTranspose1d, nn.ELU, nn.Identity, nn.ModuleList, nn.ModuleDict,
+        parametrize.ParametrizationList,
+    )  # fmt: skip
+    for module in nn.ModuleList(layers[2:]).modules():
+        # weight norm recomputes the weight from its parts: no state across time either
+        if not (isinstance(module, local_in_time) or type(module).__name__ == "_WeightNorm"):
+            return None
+    ratios = getattr(config, "upsampling_ratios", None)
+    if not ratios:
+        return None
+    hop = 1
+    for r in ratios:
+        hop *= int(r)
+    return _StagedDecoder(head=layers[0], lstm=lstm, tail=list(layers[2:]), hop=hop)
+
+
+def decode_take(
+    encodec,
+    codes,
+    *,
+    chunk_frames: int = DECODE_CHUNK_FRAMES,
+    context_frames: int = DECODE_CONTEXT_FRAMES,
+):
+    """Decode one take's ``[1, K, T]`` codes to float32 ``[1, C, T × hop]`` on the CPU, in bounded memory.
+
+    Stages (see :func:`staged_decoder`): codebook lookup and the first convolution
+    over the whole track (``[1, D, T]`` at 50 Hz: a few hundred MB for 600 s); the
+    LSTM in slices of ``chunk_frames`` that pass their state on; then the
+    upsampling layers on frames ``[a - context, b + context)`` for each window
+    ``[a, b)``, keeping only the samples of ``[a, b)``. At the ends of the track
+    the window stops at the edge, so the layers pad it exactly as they pad the
+    whole track. Output goes straight to a CPU buffer, so a GPU holds one window.
+    """
+    import torch
+
+    if chunk_frames < 1 or context_frames < 0:
+        raise ValueError(f"chunk_frames must be >= 1 and context_frames >= 0, got {chunk_frames}, {context_frames}")
+    staged = staged_decoder(encodec)
+    if staged is None:
+        return encodec.decode(codes[None], audio_scales=[None]).audio_values.float().cpu()
+    total = codes.shape[-1]
+    embeddings = encodec.quantizer.decode(codes.transpose(0, 1))  # [1, D, T]
+    seq = staged.head(embeddings).permute(2, 0, 1)  # [T, 1, C], the LSTM's layout
+    del embeddings
+    hidden = torch.empty_like(seq)
+    state = None
+    for a in range(0, total, chunk_frames):
+        piece = seq[a : a + chunk_frames]
+        out, state = staged.lstm(piece, state)
+        torch.add(out, piece, out=hidden[a : a + chunk_frames])  # EncodecLSTM's skip connection
+    del seq, out
+    hidden = hidden.permute(1, 2, 0)  # [1, C, T]
+    audio = None
+    for a in range(0, total, chunk_frames):
+        b = min(a + chunk_frames, total)
+        lo, hi = max(0, a - context_frames), min(total, b + context_frames)
+        x = hidden[..., lo:hi]
+        for layer in staged.tail:
+            x = layer(x)
+        if x.shape[-1] != (hi - lo) * staged.hop:
+            raise GenerationError(
+                f"EnCodec returned {x.shape[-1]} samples for {hi - lo} frames (expected {staged.hop} a frame); "
+                "this is a bug, please report it"
+            )
+        if audio is None:
+            audio = torch.empty((x.shape[0], x.shape[1], total * staged.hop), dtype=torch.float32)
+        audio[..., a * staged.hop : b * staged.hop] = x[..., (a - lo) * staged.hop : (b - lo) * staged.hop]
+    return audio
 
 
 def generate_track(
