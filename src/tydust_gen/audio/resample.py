@@ -11,8 +11,8 @@ nothing is clamped here.
 
 from __future__ import annotations
 
+from tydust_gen.base import memory
 from tydust_gen.base.waveform import Waveform
-from tydust_gen.model.generate import is_out_of_memory, out_of_memory_error
 
 TARGET_SAMPLE_RATE = 44_100  # Hz, what game engines expect
 TARGET_CHANNELS = 2
@@ -69,12 +69,8 @@ def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
     Raises:
         GenerationError: memory ran out (one line, with what to do).
     """
-    try:
+    with memory.translated("resampling to 44.1 kHz"):
         return fit_length(to_stereo(resample(wave)), duration_s)
-    except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise out_of_memory_error(exc, "resampling to 44.1 kHz") from exc
 
 
 def to_pcm16(wave: Waveform) -> bytes:

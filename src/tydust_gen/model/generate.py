@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from tydust_gen.base import memory
 from tydust_gen.base.errors import GenerationError, SettingsError
 from tydust_gen.base.settings import GenerationSettings, SamplingSettings
 from tydust_gen.model.conditioning import Conditioning
@@ -35,9 +36,9 @@ DECODE_CHUNK_FRAMES = 500  # frames per window of the upsampling layers (and per
 # tests/test_decode.py). 10 frames (0.2 s) each side leave a wide margin for 4 % more work.
 DECODE_CONTEXT_FRAMES = 10  # frames
 
-# What torch and the C library say when an allocation fails (CPU: "DefaultCPUAllocator: can't allocate memory").
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
-
+# What to change when generation runs out of memory with one take a batch (more takes are split first).
+GENERATE_GPU_ADVICE = "use a shorter --window or --device cpu"
+GENERATE_CPU_ADVICE = "close other programs or use a shorter --window"
 
 @dataclass(frozen=True)
 class GeneratedTrack:
@@ -105,18 +106,38 @@ def generate_codes(
     rows draw from torch's global RNG seeded with ``settings.seed``, exactly
     as transformers' ``generate`` does.
 
+    A batch of takes that runs out of memory is split in halves, and those
+    again, down to one take a batch (:func:`_generate_in_batches`); because each
+    take has its own seed, the takes are the ones the whole batch would give.
+
     Returns:
-        ``(codes [B, K, T] int64, windows, steps)``.
+        ``(codes [B, K, T] int64, windows, steps)``; ``steps`` counts one batch's
+        decoding steps (a split run repeats them for each smaller batch).
 
     Raises:
-        GenerationError: the model failed (out of memory, NaN...).
+        GenerationError: the model failed (out of memory even one take at a time, NaN...).
     """
-    import torch
-
     total, window_frames, stride_frames = frames_for(settings, loaded.frame_rate)
     check_window_fits(loaded, min(window_frames, total))
     windows = plan_windows(total, window_frames, stride_frames)
     total_steps = sum(window_steps(w, loaded.num_codebooks) for w in windows)
+    if take_seeds is not None:
+        if len(take_seeds) != cond.batch_size:
+            raise ValueError(f"{len(take_seeds)} take seeds for a batch of {cond.batch_size}")
+        if not getattr(backend, "supports_take_generators", False):
+            raise SettingsError(f"the {backend.name} backend cannot give each take its own seed; use --backend fast")
+    with memory.translated("generating", gpu_advice=GENERATE_GPU_ADVICE, cpu_advice=GENERATE_CPU_ADVICE):
+        if take_seeds is None or len(take_seeds) == 1:
+            codes = _generate_batch(loaded, cond, settings, windows, backend, take_seeds, _counter(progress, total_steps))
+        else:
+            codes = _generate_in_batches(loaded, cond, settings, windows, backend, take_seeds, progress, total_steps)
+    if progress is not None:
+        progress(total_steps, total_steps)
+    return codes, windows, total_steps
+
+
+def _counter(progress: ProgressCallback | None, total_steps: int) -> Callable[[], None]:
+    """An ``on_step`` that reports ``(steps done, total_steps)`` to ``progress``."""
     done = 0
 
     def on_step() -> None:
@@ -125,33 +146,87 @@ def generate_codes(
         if progress is not None:
             progress(min(done, total_steps), total_steps)
 
+    return on_step
+
+
+def _generate_in_batches(
+    loaded: LoadedModel,
+    cond: Conditioning,
+    settings: GenerationSettings,
+    windows: list[Window],
+    backend: CodeBackend,
+    take_seeds: list[int],
+    progress: ProgressCallback | None,
+    total_steps: int,
+):
+    """All takes at once if they fit; else batches of half as many (rounded up), and so on down to one take.
+
+    Takes already generated are kept when a later batch has to be split. Progress
+    is reported as the share of all takes' steps done, never going back (a batch
+    that fails partway is redone without the bar moving).
+    """
+    import torch
+
+    count = len(take_seeds)
+    size, start, shown = count, 0, 0
+    parts = []
+
+    def batch_progress(first: int, stop: int) -> ProgressCallback:
+        def report(done: int, total: int) -> None:
+            nonlocal shown
+            value = (first * total + done * (stop - first)) // count
+            if progress is not None and value > shown:
+                shown = value
+                progress(value, total)
+
+        return report
+
+    while start < count:
+        stop = min(count, start + size)
+        part_cond = cond if (start, stop) == (0, count) else cond.takes(start, stop)
+        on_step = _counter(batch_progress(start, stop), total_steps)
+        try:
+            parts.append(
+                _generate_batch(loaded, part_cond, settings, windows, backend, take_seeds[start:stop], on_step)
+            )
+        except (RuntimeError, MemoryError) as exc:
+            if stop - start == 1 or not memory.is_out_of_memory(exc):
+                raise
+            memory.release_cached_memory()
+            size = (stop - start + 1) // 2
+            continue
+        start = stop
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _generate_batch(
+    loaded: LoadedModel,
+    cond: Conditioning,
+    settings: GenerationSettings,
+    windows: list[Window],
+    backend: CodeBackend,
+    take_seeds: list[int] | None,
+    on_step: Callable[[], None],
+):
+    """One batch through every window: ``[B, K, T]`` codes (the rows of ``cond``, with ``take_seeds`` if given)."""
+    import torch
+
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     extra: dict[str, Any] = {}
     if take_seeds is not None:
-        if len(take_seeds) != cond.batch_size:
-            raise ValueError(f"{len(take_seeds)} take seeds for a batch of {cond.batch_size}")
-        if not getattr(backend, "supports_take_generators", False):
-            raise SettingsError(f"the {backend.name} backend cannot give each take its own seed; use --backend fast")
         extra["generators"] = [torch.Generator(device=loaded.device).manual_seed(s) for s in take_seeds]
     codes = None
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                prefix = None if w.context_frames == 0 else codes[:, :, -w.context_frames :]
-                new = backend.generate_window(loaded, cond, prefix, w.new_frames, settings.sampling, on_step, **extra)
-                if new.shape[-1] != w.new_frames:
-                    raise GenerationError(
-                        f"the {backend.name} backend returned {new.shape[-1]} frames instead of {w.new_frames}"
-                    )
-                codes = new if codes is None else torch.cat([codes, new], dim=-1)
-    except torch.cuda.OutOfMemoryError as exc:
-        raise GenerationError(
-            "the GPU ran out of memory while generating; use a shorter --window or --device cpu"
-        ) from exc
-    if progress is not None:
-        progress(total_steps, total_steps)
-    return codes, windows, total_steps
+    with torch.inference_mode():
+        for w in windows:
+            prefix = None if w.context_frames == 0 else codes[:, :, -w.context_frames :]
+            new = backend.generate_window(loaded, cond, prefix, w.new_frames, settings.sampling, on_step, **extra)
+            if new.shape[-1] != w.new_frames:
+                raise GenerationError(
+                    f"the {backend.name} backend returned {new.shape[-1]} frames instead of {w.new_frames}"
+                )
+            codes = new if codes is None else torch.cat([codes, new], dim=-1)
+    return codes
 
 
 def decode_codes(
@@ -163,52 +238,36 @@ def decode_codes(
 ) -> list[Waveform]:
     """EnCodec-decode ``[B, K, T]`` codes into B mono float32 waveforms at the model rate.
 
-    Takes are decoded one at a time: a batched convolution may round differently
-    from a single one, and a take of a batch must decode to exactly the samples
-    it has when generated alone from its seed.
-
-    Memory stays bounded whatever the length (see :func:`decode_take`): only the
-    frame-rate part of the decoder sees the whole track; the upsampling layers,
-    whose activations are what grows (64 channels at 32 kHz, several GB for a
-    long track in one call), run on windows of ``chunk_frames`` frames with
-    ``context_frames`` of context on each side that is computed and discarded.
+    Takes are decoded one at a time (:func:`decode_takes`). Memory stays bounded
+    whatever the length (see :func:`decode_take`): only the frame-rate part of the
+    decoder sees the whole track; the upsampling layers, whose activations are what
+    grows (64 channels at 32 kHz, several GB for a long track in one call), run on
+    windows of ``chunk_frames`` frames with ``context_frames`` of context on each
+    side that is computed and discarded.
 
     Raises:
         GenerationError: memory ran out (GPU or CPU), with what to do about it.
+    """
+    with memory.translated("decoding the audio"):
+        return decode_takes(loaded, codes, chunk_frames=chunk_frames, context_frames=context_frames)
+
+
+def decode_takes(loaded: LoadedModel, codes, *, chunk_frames: int, context_frames: int) -> list[Waveform]:
+    """The per-take loop of :func:`decode_codes` (a separate function so it can run wrapped, e.g. interruptibly).
+
+    One take at a time: a batched convolution may round differently from a
+    single one, and a take of a batch must decode to exactly the samples it has
+    when generated alone from its seed.
     """
     import torch
 
     expected = codes.shape[-1] * loaded.sample_rate // loaded.frame_rate
     waves = []
-    try:
-        with torch.inference_mode():
-            for take in codes.split(1, dim=0):
-                audio = decode_take(loaded.model.audio_encoder, take, chunk_frames=chunk_frames, context_frames=context_frames)
-                waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
-    except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise out_of_memory_error(exc, "decoding the audio") from exc
+    with torch.inference_mode():
+        for take in codes.split(1, dim=0):
+            audio = decode_take(loaded.model.audio_encoder, take, chunk_frames=chunk_frames, context_frames=context_frames)
+            waves.append(Waveform(samples=audio[0, :, :expected].float().cpu(), sample_rate=loaded.sample_rate))
     return waves
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch's and Python's out-of-memory errors (CUDA, CPU allocator, numpy)."""
-    import torch
-
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(marker in text for marker in _OOM_MARKERS)
-
-
-def out_of_memory_error(exc: BaseException, doing: str) -> GenerationError:
-    """The one-line error for an out-of-memory ``exc`` raised while ``doing`` (e.g. "decoding the audio")."""
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "cuda" in str(exc).lower():
-        return GenerationError(f"the GPU ran out of memory while {doing}; close other programs using the GPU or use --device cpu")
-    return GenerationError(f"the computer ran out of memory while {doing}; close other programs or use a shorter --duration")
 
 
 @dataclass(frozen=True)
