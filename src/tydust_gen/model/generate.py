@@ -31,9 +31,10 @@ ProgressCallback = Callable[[int, int], None]
 # EnCodec decoding in windows (decode_take). 500 frames are 10 s at 50 Hz: the upsampling layers then hold
 # about 0.3 GB of activations at a time on the full-size model, against ~2 GB per minute of audio in one call.
 DECODE_CHUNK_FRAMES = 500  # frames per window of the upsampling layers (and per LSTM slice)
-# A frame reaches 0.75 frame past its own span through the layers after the LSTM, and a window's edge padding
-# as far: 2 frames of context already give one call's samples, 1 does not (measured on musicgen-small's layout,
-# tests/test_decode.py). 10 frames (0.2 s) each side leave a wide margin for 4 % more work.
+# The layers after the LSTM reach about one frame past a window's span, and a window's edge padding as far:
+# without context every join is wrong (errors ~0.1); 2 frames already gave one call's samples in every test, on
+# the tiny and the full-size layout (tests/test_decode.py). 10 frames (0.2 s) each side leave a wide margin for
+# 4 % more work.
 DECODE_CONTEXT_FRAMES = 10  # frames
 
 # What to change when generation runs out of memory with one take a batch (more takes are split first).
