@@ -81,6 +81,73 @@ def plain_ffmpeg(ffmpeg: str, wav: Path, out: Path) -> dict:
     return {**times, "post": times["mp3"] + times["ogg"]}
 
 
+def synthetic_post(seconds: float, tmp: Path, i: int) -> tuple[dict, Path]:
+    """This code's stages after the model, in-process, on synthetic 32 kHz mono music (no model, no generation):
+    44.1 kHz stereo, DC removal, mastering checked on the decoded files, MP3 + OGG at once, tags, verify,
+    publish. Returns the time and the published OGG (the same audio plain ffmpeg then encodes)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from synth import music
+
+    from tydust_gen.audio import master as master_stage
+    from tydust_gen.audio import resample as audio
+    from tydust_gen.base.waveform import Waveform
+    from tydust_gen.export import staging as export
+    from tydust_gen.export.ffmpeg import find_ffmpeg
+    from tydust_gen.export.loudness import master_for_encoding
+    from tydust_gen.export.tags import TrackTags
+
+    wave = Waveform(torch.from_numpy(music(seconds + 0.5, sr=32_000, seed=i, dc=0.3, level=0.3)[:1].copy()), 32_000)
+    ffmpeg, out = find_ffmpeg(), tmp / f"synthetic-{i}"
+    t = time.perf_counter()
+    stereo = audio.to_44k1_stereo(wave, seconds)
+    x = master_stage.remove_dc(stereo.samples.numpy(), stereo.sample_rate)
+    t_audio = time.perf_counter() - t
+    with export.Staging(out, "bench", ffmpeg=ffmpeg) as staging:
+        tags = TrackTags(title="bench", genre=None, comment="bench")
+
+        def encode(result):
+            return staging.encode(Waveform(torch.from_numpy(np.ascontiguousarray(result.samples)), 44_100), tags)
+
+        master_for_encoding(x, stereo.sample_rate, encode)
+        staging.publish(seconds)
+    post = time.perf_counter() - t
+    return {"audio": t_audio, "master_export": post - t_audio, "post": post}, out / "bench.ogg"
+
+
+def synthetic_main(args: argparse.Namespace, ffmpeg: str) -> None:
+    """``--synthetic``: this code's stages after the model against plain ffmpeg, alternating, ``--repeats`` rounds."""
+    rows: dict[str, list[dict]] = {"ffmpeg": [], "this": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        synthetic_post(1.0, tmp, 999)  # warm-up: imports, page cache
+        wav = None
+        for i in range(args.repeats):
+            if i % 2 and wav is not None:  # the order alternates: ffmpeg first (on the last round's audio)
+                rows["ffmpeg"].append(plain_ffmpeg(ffmpeg, wav, tmp))
+                row, ogg = synthetic_post(args.duration, tmp, i)
+                rows["this"].append(row)
+            else:
+                row, ogg = synthetic_post(args.duration, tmp, i)
+                rows["this"].append(row)
+            wav = tmp / f"ref-{i}.wav"
+            subprocess.run([ffmpeg, "-nostdin", "-v", "error", "-i", str(ogg), "-c:a", "pcm_s16le", str(wav)], check=True)
+            if len(rows["ffmpeg"]) < len(rows["this"]):
+                rows["ffmpeg"].append(plain_ffmpeg(ffmpeg, wav, tmp))
+            print(f"round {i + 1}: this {rows['this'][-1]['post']:.2f} s, ffmpeg {rows['ffmpeg'][-1]['post']:.2f} s, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    ref, post = median(rows["ffmpeg"], "post"), median(rows["this"], "post")
+    per_round = statistics.median(r["post"] / f["post"] for r, f in zip(rows["this"], rows["ffmpeg"]))
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the end; synthetic {args.duration:g} s, {args.repeats} rounds (medians, seconds)")
+    print(f"  plain ffmpeg, MP3 then OGG   {ref:6.2f}   (MP3 {median(rows['ffmpeg'], 'mp3'):.2f}, OGG {median(rows['ffmpeg'], 'ogg'):.2f})")
+    print(f"  stages after the model       {post:6.2f}   ({post / ref:.2f}x ffmpeg; per round {per_round:.2f}x)   "
+          f"[audio {median(rows['this'], 'audio'):.2f}; master_export {median(rows['this'], 'master_export'):.2f}]")
+    print(json.dumps({"duration_s": args.duration, "synthetic": True, "rows": rows}))
+
+
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -92,12 +159,16 @@ def main() -> None:
     ap.add_argument("--track", default="phase4_peak")
     ap.add_argument("--backend", default="fast", help="fast, fast-int8 or stock")
     ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with ('' for none)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="no model and no CLI: this code's stages after the model on synthetic audio vs plain ffmpeg")
     args = ap.parse_args()
 
     from tydust_gen.export.ffmpeg import find_ffmpeg
     from tydust_gen.model.tiny import save_tiny_model
 
     ffmpeg = find_ffmpeg().path
+    if args.synthetic:
+        return synthetic_main(args, ffmpeg)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = save_tiny_model(tmp / "tiny")
