@@ -4,6 +4,7 @@ Not a test: run by hand, e.g.
 
     python bench/pipeline_bench.py --duration 90 --repeats 5
     python bench/pipeline_bench.py --duration 90 --repeats 5 --baseline main
+    python bench/pipeline_bench.py --synthetic --duration 90 --repeats 3   # no model, no CLI: quick
 
 It saves the tiny random MusicGen to a temporary folder and, ``--repeats``
 times, in an order that rotates each round:
