@@ -317,7 +317,7 @@ def test_decode_answers_sigint_during_encodec_lstm():
     lstm.register_forward_hook(after)
     frames = 1500
     codes = torch.randint(0, 64, (1, 4, frames))
-    loaded = SimpleNamespace(model=SimpleNamespace(audio_encoder=codec), sample_rate=100, frame_rate=50)
+    loaded = SimpleNamespace(model=SimpleNamespace(audio_encoder=codec), sample_rate=100, frame_rate=50, audio_channels=1)
 
     def interrupt():
         in_lstm.wait()

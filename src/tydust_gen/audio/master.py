@@ -42,6 +42,7 @@ Never fade a loop.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,12 @@ DC_HIGHPASS_ORDER = 2  # per pass; filtfilt doubles the slope and cancels the ph
 
 
 TRUE_PEAK_OVERSAMPLE = 4  # x; BS.1770-4 Annex 2 minimum for 44.1/48 kHz material
+
+
+_PEAK_SCAN_BLOCK = 1 << 16  # samples per block of the true-peak scan (1.5 s at 44.1 kHz)
+
+
+_PEAK_SCAN_THREADS = min(8, os.cpu_count() or 1)  # blocks scanned at once
 
 
 LIMITER_LOOKAHEAD_S = 0.005  # s; long enough for a smooth attack, short enough not to pump
@@ -246,6 +253,8 @@ def peak_envelope(
     Returns:
         float32 ``[N]``, linear magnitude.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from scipy.signal import resample_poly
 
     del sample_rate
@@ -256,16 +265,30 @@ def peak_envelope(
     env = np.max(np.abs(audio), axis=0)
     if oversample <= 1:
         return env
-    # the polyphase filter spans 10 * oversample taps per side; pad past it
+    # the polyphase filter spans 10 input samples per side; pad past it
     pad = 16
     mode = "wrap" if circular else "constant"
     padded = np.pad(audio, ((0, 0), (pad, pad)), mode=mode)
-    for channel in padded:
-        up = resample_poly(channel, oversample, 1).astype(np.float32, copy=False)
-        up = np.abs(up[pad * oversample : (pad + n) * oversample])
-        # strided maxima: numpy reduces a tiny trailing axis (reshape(n, 4).max(1)) ~10x slower
-        for phase in range(oversample):
-            np.maximum(env, up[phase::oversample], out=env)
+
+    def scan(start: int) -> None:
+        # Block by block, each with its own padding of real neighbours: the same products as one
+        # call on the whole track (bit for bit), in a few MB instead of 8 bytes x oversample x N
+        # per channel (1.7 GB for 600 s of stereo), and in threads: scipy's filter releases the GIL.
+        stop = min(n, start + _PEAK_SCAN_BLOCK)
+        out = env[start:stop]
+        for channel in padded[:, start : stop + 2 * pad]:
+            up = resample_poly(channel, oversample, 1)[pad * oversample : (pad + stop - start) * oversample]
+            up = np.abs(up).astype(np.float32, copy=False)
+            # strided maxima: numpy reduces a tiny trailing axis (reshape(n, 4).max(1)) ~10x slower
+            for phase in range(oversample):
+                np.maximum(out, up[phase::oversample], out=out)
+
+    starts = range(0, n, _PEAK_SCAN_BLOCK)
+    if len(starts) == 1:
+        scan(0)
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(starts), _PEAK_SCAN_THREADS)) as pool:
+            list(pool.map(scan, starts))
     return env
 
 
@@ -504,8 +527,8 @@ def master(
     ) -> MasterResult:  # fmt: skip
         if out_lufs is None:  # static gain: loudness and peak move by exactly gain_db
             out_lufs = in_lufs + gain_db
-        if out_tp is None:
-            out_tp = true_peak(out, circular=circular)
+        if out_tp is None:  # a static gain scales the reconstructed signal, so its peak too
+            out_tp = in_tp + gain_db
         reached = target_lufs is None or abs(out_lufs - target_lufs) <= LOUDNESS_TOLERANCE_LU + 0.1
         return MasterResult(
             samples=np.ascontiguousarray(out, dtype=np.float32),

@@ -11,6 +11,7 @@ nothing is clamped here.
 
 from __future__ import annotations
 
+from tydust_gen.base import memory
 from tydust_gen.base.waveform import Waveform
 
 TARGET_SAMPLE_RATE = 44_100  # Hz, what game engines expect
@@ -63,8 +64,13 @@ def fit_length(wave: Waveform, duration_s: float) -> Waveform:
 
 
 def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
-    """32 kHz model output (mono or stereo) → float32 ``[2, N]`` at 44.1 kHz, N = round(duration_s × 44,100); not clamped."""
-    return fit_length(to_stereo(resample(wave)), duration_s)
+    """32 kHz model output (mono or stereo) → float32 ``[2, N]`` at 44.1 kHz, N = round(duration_s × 44,100); not clamped.
+
+    Raises:
+        GenerationError: memory ran out (one line, with what to do).
+    """
+    with memory.translated("resampling to 44.1 kHz"):
+        return fit_length(to_stereo(resample(wave)), duration_s)
 
 
 def to_pcm16(wave: Waveform) -> bytes:

@@ -3,12 +3,20 @@
 pydub's cost stays in this module. Its ``export(path)`` truncates the
 destination before encoding and leaks temporaries on failure, so it only ever
 writes inside a staging folder (:mod:`.staging`).
+
+The formats are encoded at the same time (:func:`encode_formats`): each pydub
+export is an ffmpeg child that a thread waits on, and libmp3lame and libvorbis
+are each single-threaded, so two formats take the time of the slower one on
+two cores instead of the sum.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Sequence
 
 from tydust_gen.audio.resample import TARGET_CHANNELS, TARGET_SAMPLE_RATE, to_pcm16
 from tydust_gen.base import faults
@@ -34,7 +42,67 @@ def pcm_segment(wave: Waveform):
     return AudioSegment(data=to_pcm16(wave), sample_width=2, frame_rate=wave.sample_rate, channels=wave.channels)
 
 
+def encode_formats(
+    segment,
+    ffmpeg: Ffmpeg,
+    jobs: Sequence[tuple[str, Path]],
+    *,
+    then: Callable[[str, Path], None] | None = None,
+    each_done: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Encode ``segment`` to every ``(fmt, dest)`` of ``jobs`` at once, one thread (and ffmpeg) per format.
+
+    Args:
+        segment: the pydub ``AudioSegment`` (:func:`pcm_segment`).
+        ffmpeg: the ffmpeg to run.
+        jobs: ``[(fmt, dest), ...]``; ``dest`` must be inside a staging folder.
+        then: called in the encoding thread right after ``dest`` is written (e.g. tagging).
+        each_done: called in the calling thread as each job finishes, in ``jobs`` order
+            (test hooks must pause where signals are delivered: the main thread).
+
+    Returns:
+        The ``dest`` of each job, in order.
+
+    Raises:
+        ExportError: a format failed; the first failing job in ``jobs`` order is reported. The
+            others' ffmpeg children are killed and their threads awaited before this returns,
+            so nothing is still writing into the staging folder.
+    """
+    stop = threading.Event()
+
+    def work(fmt: str, dest: Path) -> Path:
+        if stop.is_set():  # the call is being abandoned: start no new ffmpeg
+            raise ExportError(f"encoding {dest.name} was cancelled")
+        encode_segment(segment, ffmpeg, fmt, dest)
+        if then is not None:
+            then(fmt, dest)
+        return dest
+
+    pool = ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="tydust-encode")
+    try:
+        # One reaped() for all children: it swaps pydub's subprocess module, which threads must not race on.
+        with children.reaped():
+            try:
+                futures = [pool.submit(work, fmt, dest) for fmt, dest in jobs]
+                done = []
+                for (fmt, _), future in zip(jobs, futures):
+                    done.append(future.result())
+                    if each_done is not None:
+                        each_done(fmt)
+                return done
+            except BaseException:
+                stop.set()
+                raise  # reaped() kills the ffmpeg children on the way out; the threads then end quickly
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def encode_segment(segment, ffmpeg: Ffmpeg, fmt: str, dest: Path) -> None:
+    """Encode ``segment`` to ``dest`` as ``fmt`` ("mp3" or "ogg"); call inside :func:`children.reaped`.
+
+    Raises:
+        ExportError: ffmpeg failed (its last error line included) or ``dest`` could not be written.
+    """
     from pydub.exceptions import CouldntEncodeError
 
     segment.converter = ffmpeg.path
@@ -44,8 +112,7 @@ def encode_segment(segment, ffmpeg: Ffmpeg, fmt: str, dest: Path) -> None:
     else:
         kwargs = dict(format="ogg", codec="libvorbis", parameters=["-q:a", OGG_QUALITY, *common])
     try:
-        with children.reaped():
-            handle = segment.export(str(dest), **kwargs)
+        handle = segment.export(str(dest), **kwargs)
         handle.close()
         faults.maybe_fail_write(fmt, dest)
     except CouldntEncodeError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -114,6 +115,18 @@ def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -
     return true_peak(decode_audio(path), circular=circular)
 
 
+def encoded_true_peaks(paths: Sequence[str | os.PathLike[str]], *, circular: bool = False) -> tuple[float, ...]:
+    """:func:`encoded_true_peak` of every file at once, one thread each (same order as ``paths``).
+
+    Each file is decoded once, by its own ffmpeg, and scanned while the others are: the
+    decoder is a child process and scipy's polyphase filter releases the GIL.
+    """
+    if len(paths) <= 1:
+        return tuple(encoded_true_peak(p, circular=circular) for p in paths)
+    with ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="tydust-peak") as pool:
+        return tuple(pool.map(lambda p: encoded_true_peak(p, circular=circular), paths))
+
+
 def ceiling_margin_for(
     encoded_peak_dbtp: float,
     ceiling_dbtp: float,
@@ -182,7 +195,7 @@ def master_for_encoding(
             margin_db=margin, circular=circular, **master_options,
         )  # fmt: skip
         paths = tuple(Path(p) for p in encode(result))
-        peaks = tuple(encoded_true_peak(p, circular=circular) for p in paths)
+        peaks = encoded_true_peaks(paths, circular=circular)
         worst = max(peaks, default=SILENCE_DB)
         next_margin = ceiling_margin_for(worst, ceiling_dbtp, margin)
         if next_margin is None or attempt == max_tries:

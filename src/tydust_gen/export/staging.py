@@ -27,7 +27,7 @@ from tydust_gen.audio.resample import TARGET_CHANNELS, TARGET_SAMPLE_RATE
 from tydust_gen.base import faults, signals
 from tydust_gen.base.errors import ExportError, OutputDirError
 from tydust_gen.base.waveform import Waveform
-from tydust_gen.export.encode import encode_segment, pcm_segment
+from tydust_gen.export.encode import encode_formats, pcm_segment
 from tydust_gen.export.ffmpeg import Ffmpeg
 from tydust_gen.export.tags import TrackTags, write_tags
 from tydust_gen.export.verify import ExportedFile, check_promises, inspect_file
@@ -158,19 +158,22 @@ class Staging:
             raise ValueError(f"export needs 44.1 kHz stereo, got {wave.sample_rate} Hz x {wave.channels}")
         assert self.path is not None, "use Staging as a context manager"
         segment = pcm_segment(wave)
-        paths = []
+
+        def tag(fmt: str, dest: Path) -> None:
+            try:
+                write_tags(dest, fmt, tags)
+            except Exception as exc:  # noqa: BLE001 - mutagen raises many types
+                raise ExportError(f"could not tag {dest.name}: {exc}") from exc
+
+        def each_done(fmt: str) -> None:
+            if fmt == "mp3":
+                faults.hook("encode")  # the MP3 is whole; the OGG may still be encoding
+
+        # Both formats at once; pydub's temporaries (set process-wide) go to this folder until both are done.
         with _temporaries_in(self.path):
-            for fmt in ("mp3", "ogg"):
-                dest = self.staged(fmt)
-                encode_segment(segment, self.ffmpeg, fmt, dest)
-                try:
-                    write_tags(dest, fmt, tags)
-                except Exception as exc:  # noqa: BLE001 - mutagen raises many types
-                    raise ExportError(f"could not tag {dest.name}: {exc}") from exc
-                paths.append(dest)
-                if fmt == "mp3":
-                    faults.hook("encode")
-        return paths
+            return encode_formats(
+                segment, self.ffmpeg, [(fmt, self.staged(fmt)) for fmt in ("mp3", "ogg")], then=tag, each_done=each_done
+            )
 
     def add_extra(self, filename: str) -> Path:
         """Reserve a staged path for a file published beside the audio (e.g. a preview PNG)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from tydust_gen.base import memory
 from tydust_gen.model.loading import LoadedModel
 
 
@@ -31,6 +32,24 @@ class Conditioning:
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
 
+    def takes(self, start: int, stop: int) -> Conditioning:
+        """The conditioning of takes ``start..stop-1`` alone (a smaller batch), rows copied exactly.
+
+        With guidance the unconditional half follows the conditional one, so take i
+        has rows i and B + i.
+        """
+        import torch
+
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"takes {start}..{stop} of a batch of {self.batch_size}")
+        rows = torch.arange(start, stop, device=self.hidden.device)
+        if self.guided:
+            rows = torch.cat([rows, rows + self.batch_size])
+        return Conditioning(
+            hidden=self.hidden[rows], mask=self.mask[rows], batch_size=stop - start, guidance_scale=self.guidance_scale,
+            texts=self.texts[start:stop],
+        )
+
 
 def encode_text(loaded: LoadedModel, prompts: list[str], guidance_scale: float) -> Conditioning:
     """Run the T5 encoder once for ``prompts`` and build the (guided) conditioning.
@@ -41,6 +60,9 @@ def encode_text(loaded: LoadedModel, prompts: list[str], guidance_scale: float) 
 
     Returns:
         :class:`Conditioning` with ``hidden`` of shape ``[B or 2B, L, D_dec]``.
+
+    Raises:
+        GenerationError: memory ran out (one line, with what to do).
     """
     import torch
 
@@ -48,7 +70,7 @@ def encode_text(loaded: LoadedModel, prompts: list[str], guidance_scale: float) 
     inputs = loaded.processor(text=prompts, padding=True, return_tensors="pt")
     ids = inputs["input_ids"].to(loaded.device)
     mask = inputs["attention_mask"].to(loaded.device)
-    with torch.inference_mode():
+    with memory.translated("encoding the prompt"), torch.inference_mode():
         hidden = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         if (
             model.text_encoder.config.hidden_size != model.decoder.config.hidden_size

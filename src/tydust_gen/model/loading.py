@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tydust_gen.base import memory
 from tydust_gen.base.errors import DeviceError, ModelError, SettingsError
 
 DEFAULT_MODEL = "facebook/musicgen-small"
@@ -270,6 +271,11 @@ def hub_download_progress(show: bool):
             disable_progress_bars()
 
 
+def out_of_memory_while_loading():
+    """Out of memory while the weights load or move to the device: a :class:`ModelError` (exit 3), one line."""
+    return memory.translated("loading the model", error=ModelError, cpu_advice="close other programs and try again")
+
+
 def load_model(source: ModelSource, device, *, dtype=None, show_download_progress: bool = False) -> LoadedModel:
     """Load model and processor from ``source`` onto ``device``.
 
@@ -282,7 +288,7 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
             on stderr while a hub id downloads (the core is silent otherwise).
 
     Raises:
-        ModelError: the snapshot is missing, incomplete or not a MusicGen.
+        ModelError: the snapshot is missing, incomplete or not a MusicGen, or memory ran out.
     """
     import torch
     from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
@@ -295,7 +301,7 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
     if source.hub_id is not None and offline_mode():
         kwargs["local_files_only"] = True
     try:
-        with hub_download_progress(show_download_progress):
+        with out_of_memory_while_loading(), hub_download_progress(show_download_progress):
             model = MusicgenForConditionalGeneration.from_pretrained(where, dtype=torch.float32, **kwargs)
             processor = MusicgenProcessor.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -307,9 +313,10 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
         )
         raise ModelError(f"could not load model {source.ref}: {first}; {hint}") from exc
     try:
-        model = model.to(device)
-        # Only the decoder runs per step; T5 and EnCodec run once per track and keep fp32.
-        model.decoder.to(dtype)
+        with out_of_memory_while_loading():
+            model = model.to(device)
+            # Only the decoder runs per step; T5 and EnCodec run once per track and keep fp32.
+            model.decoder.to(dtype)
     except RuntimeError as exc:
         raise DeviceError(f"could not move the model to {device}: {str(exc).splitlines()[0]}") from exc
     model.eval()

@@ -1,0 +1,144 @@
+"""The stages after generation: ffmpeg children at the same time, cleanup as before, no full-track copies.
+
+The concurrency tests put a wrapper in front of the real ffmpeg that makes one
+child wait for an event only another child can cause (a marker file), with a
+bounded wait: if the children ran one after the other, the waiting one would
+give up and the test would fail. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synth import music
+
+from tydust_gen.audio import master
+from tydust_gen.base.errors import ExportError
+from tydust_gen.base.waveform import Waveform
+from tydust_gen.export import staging as export
+from tydust_gen.export.ffmpeg import Ffmpeg, find_ffmpeg
+from tydust_gen.export.loudness import encoded_true_peak, encoded_true_peaks
+from tydust_gen.export.tags import TrackTags
+
+TAGS = TrackTags(title="t", genre=None, comment="c")
+WAIT_POLLS = 3000  # x 10 ms: how long a wrapper waits for the other child before giving up
+GAVE_UP = 97  # the wrapper's exit status when the other child never started
+
+
+def stereo(seconds: float) -> Waveform:
+    t = torch.arange(round(seconds * 44_100)) / 44_100
+    return Waveform((0.3 * torch.sin(2 * torch.pi * 220 * t)).expand(2, -1).contiguous(), 44_100)
+
+
+def wrapper(tmp_path: Path, cases: str) -> Ffmpeg:
+    """An ffmpeg that runs ``cases`` (sh ``case`` arms on its arguments) and then the real ffmpeg."""
+    real = find_ffmpeg().path
+    script = tmp_path / "ffmpeg"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'M="{tmp_path}"\n'
+        f"wait_for() {{ i=0; while [ ! -e \"$M/$1\" ]; do i=$((i+1)); [ $i -gt {WAIT_POLLS} ] && exit {GAVE_UP}; sleep 0.01; done; }}\n"
+        f'case "$*" in\n{cases}\nesac\n'
+        f'exec "{real}" "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return Ffmpeg(str(script), "test", "wrapper")
+
+
+def test_mp3_and_ogg_encode_at_the_same_time(tmp_path):
+    """The MP3's ffmpeg does not start encoding until the OGG's has started."""
+    ff = wrapper(tmp_path, '*libvorbis*) touch "$M/ogg.started" ;;\n*libmp3lame*) wait_for ogg.started ;;')
+    out = tmp_path / "out"
+    files = export.export_track(stereo(1.0), out, "t", TAGS, ffmpeg=ff)
+    assert [f.path.name for f in files] == ["t.mp3", "t.ogg"]
+    assert sorted(p.name for p in out.iterdir()) == ["t.mp3", "t.ogg"]
+
+
+def test_failed_mp3_kills_the_ogg_still_encoding(tmp_path):
+    """The OGG's ffmpeg is running (and would run on) when the MP3's fails: the error names the MP3, the OGG's
+    ffmpeg is killed, and the staging folder is gone when the call returns."""
+    ff = wrapper(
+        tmp_path,
+        '*libvorbis*) echo $$ > "$M/ogg.pid"; wait_for never ;;\n'
+        '*libmp3lame*) wait_for ogg.pid; echo "Unknown encoder libmp3lame" >&2; exit 1 ;;',
+    )
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"ffmpeg failed to encode t\.mp3"):
+        export.export_track(stereo(1.0), out, "t", TAGS, ffmpeg=ff)
+    pid = int((tmp_path / "ogg.pid").read_text())
+    stat_file = Path(f"/proc/{pid}/stat")
+    assert not stat_file.exists() or stat_file.read_text().split()[2] == "Z"
+    assert list(out.iterdir()) == []
+
+
+def test_encoded_files_are_measured_at_the_same_time(tmp_path, monkeypatch):
+    """Each file is decoded by its own ffmpeg, both running at once; the peaks are those measured one by one."""
+    ff = find_ffmpeg()
+    paths = export.export_track(stereo(1.0), tmp_path / "files", "t", TAGS, ffmpeg=ff)
+    alone = [encoded_true_peak(f.path) for f in paths]
+    script = wrapper(
+        tmp_path,
+        '*t.ogg*f32le*) touch "$M/ogg.decoding" ;;\n'
+        '*t.mp3*f32le*) wait_for ogg.decoding ;;',
+    )
+    monkeypatch.setenv("TYDUST_FFMPEG", script.path)
+    together = encoded_true_peaks([f.path for f in paths])
+    assert list(together) == alone
+    assert np.all(np.isfinite(together))
+
+
+def test_one_file_is_measured_without_threads(tmp_path):
+    ff = find_ffmpeg()
+    path = export.export_track(stereo(0.5), tmp_path, "t", TAGS, ffmpeg=ff)[1].path
+    assert encoded_true_peaks([path]) == (encoded_true_peak(path),)
+    assert encoded_true_peaks([]) == ()
+    assert os.path.exists(path)
+
+
+def whole_track_envelope(audio: np.ndarray, circular: bool) -> np.ndarray:
+    """The true-peak envelope computed in one piece per channel (the implementation before the blocked scan)."""
+    from scipy.signal import resample_poly
+
+    pad, n = 16, audio.shape[1]
+    env = np.max(np.abs(audio), axis=0)
+    for channel in np.pad(audio, ((0, 0), (pad, pad)), mode="wrap" if circular else "constant"):
+        up = np.abs(resample_poly(channel, 4, 1).astype(np.float32)[pad * 4 : (pad + n) * 4])
+        for phase in range(4):
+            np.maximum(env, up[phase::4], out=env)
+    return env
+
+
+@pytest.mark.parametrize("seconds", [0.01, 1.486, 4.0])  # one block, a block and one sample (65,537), several
+@pytest.mark.parametrize("circular", [False, True])
+def test_blocked_peak_scan_is_the_whole_track_scan(seconds, circular):
+    audio = music(seconds, seed=4, level=0.5)
+    assert np.array_equal(master.peak_envelope(audio, circular=circular), whole_track_envelope(audio, circular))
+
+
+def test_peak_scan_makes_no_oversampled_copy_of_the_track():
+    """The scan's working memory is a few blocks per thread, not 8 bytes x 4 x N per channel: 180 s of stereo
+    scanned in under 5x its own size (the whole-track scan needs about 9x: a float64 copy, the 4x oversampled
+    float64 signal, its float32 magnitude)."""
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 180 * 44_100)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        master.peak_envelope(audio)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * audio.nbytes, f"{peak / audio.nbytes:.1f}x the audio"
+
+
+def test_static_gain_reports_the_peak_it_produces():
+    """The output true peak of a static gain is computed, not measured again; it is the measured one."""
+    audio = master.remove_dc(music(6.0, seed=5, level=0.05), 44_100)
+    result = master.master(audio, 44_100, target_lufs=-20.0, ceiling_dbtp=-1.0)
+    assert result.limiter_max_reduction_db == 0.0 and result.gain_db != 0.0
+    assert math.isclose(result.output_true_peak_dbtp, master.true_peak(result.samples), abs_tol=1e-4)
