@@ -18,7 +18,9 @@ track (``--force``) and checks again. It counts:
 * **leftovers**: anything besides ``TRACK.mp3/.ogg/.json`` (staging folders, temporary files, lock
   files) still in the output folder after the next clean run.
 
-Goal: 0 / 0 / 0. Usage::
+* **hangs**: a run still going after RUN_TIMEOUT_S (its stacks are saved with py-spy, then it is killed).
+
+Goal: 0 / 0 / 0 / 0. Usage::
 
     python bench/chaos.py --trials 200 --out bench/results/chaos.json
 """
@@ -30,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,6 +47,7 @@ SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal
 SITUATIONS = ("fresh", "force", "concurrent")
 DURATION_S = "1.0"  # seconds of music per take: long enough for every stage to take a visible share
 RUN_TIMEOUT_S = 300
+HANG_EXIT = -999  # the exit code recorded for a run that hung and was killed
 RECENT_RUNS = 5  # clean runs whose median length is the range of the next delay
 
 
@@ -98,9 +102,32 @@ class Campaign:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
     def run(self, out: Path, seed: int, force: bool) -> tuple[int, float]:
+        """A clean run; one that outlives RUN_TIMEOUT_S is a hang: its Python stacks (py-spy) go to chaos-hangs/ beside the campaign's folder, then it is killed."""
         t0 = time.perf_counter()
-        proc = subprocess.run(self.command(out, seed, force), env=self.env, capture_output=True, timeout=RUN_TIMEOUT_S)
+        proc = subprocess.Popen(self.command(out, seed, force), env=self.env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.dump_stacks(proc, f"seed{seed}")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return HANG_EXIT, time.perf_counter() - t0
+        finally:
+            proc.stderr.close()
         return proc.returncode, time.perf_counter() - t0
+
+    def dump_stacks(self, proc: subprocess.Popen, label: str) -> None:
+        folder = self.root.parent / "chaos-hangs"
+        folder.mkdir(exist_ok=True)
+        try:
+            spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60)
+            text = dump.stdout + dump.stderr
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text = f"py-spy failed: {exc}"
+        (folder / f"{label}-{proc.pid}.txt").write_text(text)
+        print(f"HANG: run {label} (pid {proc.pid}) passed {RUN_TIMEOUT_S} s; stacks in {folder}", flush=True)
 
 
 def hit(proc: subprocess.Popen, sig: signal.Signals) -> None:
@@ -125,7 +152,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the counts and every trial as JSON here")
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    counts = {"lost": 0, "mixed": 0, "leftovers": 0, "trials": 0}
+    counts = {"lost": 0, "mixed": 0, "leftovers": 0, "hangs": 0, "trials": 0}
     trials = []
     with tempfile.TemporaryDirectory(prefix="tydust-chaos-") as tmp:
         c = Campaign(Path(tmp), sys.executable)
@@ -156,7 +183,15 @@ def main() -> int:
             victim = rng.choice(procs)
             time.sleep(delay)  # the point of the campaign: a moment drawn at random, not an event
             hit(victim, SIGNALS[sig_name])
-            codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
+            codes = []
+            for p in procs:
+                try:
+                    codes.append(p.wait(timeout=RUN_TIMEOUT_S))
+                except subprocess.TimeoutExpired:
+                    c.dump_stacks(p, f"trial{n}")
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+                    codes.append(HANG_EXIT)
             after = take_state(out)
             lost = before[0] == "complete" and after[0] != "complete"
             mixed = after[0] == "mixed"
@@ -172,6 +207,7 @@ def main() -> int:
             counts["lost"] += lost
             counts["mixed"] += mixed
             counts["leftovers"] += bool(left)
+            counts["hangs"] += HANG_EXIT in codes or next_code == HANG_EXIT
             trial = {"n": n, "situation": situation, "signal": sig_name, "delay_s": round(delay, 3), "exit_codes": codes,
                      "before": before[0], "after": after[0], "next_exit": next_code, "after_next": after_next[0],
                      "leftovers": left, "lost": lost, "mixed": mixed}  # fmt: skip
