@@ -197,7 +197,7 @@ ERROR_CASES = [
     (["game_over", "-d", "ninety"], 2, "duration 'ninety' is not a number", None),
     (["game_over", "-d", "100000"], 2, "above the maximum of 600 s", None),
     (["game_over", "-d", "nan"], 2, "duration must be a finite number", None),
-    (["game_over", "--device", "tpu"], 2, "unknown device 'tpu'; use auto, cuda or cpu", None),
+    (["game_over", "--device", "tpu"], 2, "unknown device 'tpu'; use auto, cuda, cuda:N or cpu", None),
     (["game_over", "--seed", "-3"], 2, "seed must be between 0 and", None),
     (["game_over", "--top-p", "1.5"], 2, "top_p must be between 0.0 (off) and 1.0", None),
     (["game_over", "--window", "10", "--stride", "12"], 2, "stride (12 s) must be shorter than the window (10 s)", None),
