@@ -8,7 +8,7 @@ covers, on the tiny model and on a full-size random-weight musicgen-small:
 * the self-check's ladder on a GPU, with forced failures (graph capture raising, NaN logits);
 * NaN logits in a take stop it with a GenerationError and leave the CUDA context usable;
 * EnCodec decode on CUDA (the chunked decode where the branch has it) against the CPU;
-* the out-of-memory split of ``--variations`` (a placeholder until that feature is merged).
+* the out-of-memory split of ``--variations`` (a real CUDA out-of-memory error for batches above 2).
 
 Sized for ≤ 5 minutes on one H100-class GPU. With ``TYDUST_GPU_REPORT=path.json`` the measured
 figures (errors, self-check seconds) are appended there, one JSON object per line.
@@ -17,7 +17,6 @@ figures (errors, self-check seconds) are appended there, one JSON object per lin
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -216,9 +215,24 @@ def test_encodec_decode_on_cuda_matches_cpu(tiny_model_dir, full32):
     assert torch.isfinite(wave.samples).all()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tydust_gen.base.memory") is None,
-    reason="OOM split of --variations (issue 11 item 3) is on branch feat-decode; fill this test in when it merges",
-)
-def test_variations_that_do_not_fit_split_into_batches():
-    pytest.skip("placeholder: force an OOM on the GPU for a batch of 4 and check the split takes equal an unsplit run")
+def test_variations_that_do_not_fit_split_into_batches(tiny32, monkeypatch):
+    """A real CUDA out-of-memory error for batches above 2 takes: the 4 takes come out in batches of 2, equal to an unsplit run."""
+    from tydust_gen.base.variations import variation_seed
+
+    seeds = [variation_seed(9, i) for i in range(4)]
+    cond = encode_text(tiny32, ["calm"] * 4, 3.0)
+    run = GenerationSettings(duration_s=1.6, seed=9, window_s=1.0, stride_s=0.6)
+    whole, _, _ = generate_codes(tiny32, cond, run, take_seeds=seeds, backend=FastBackend())
+    real = FastBackend.generate_window
+    seen = []
+
+    def fitting(self, loaded, cond, prefix, new_frames, sampling, on_step, **kwargs):
+        seen.append(cond.batch_size)
+        if cond.batch_size > 2:
+            torch.empty(1 << 50, dtype=torch.uint8, device=DEVICE)  # 1 PiB: torch.cuda.OutOfMemoryError
+        return real(self, loaded, cond, prefix, new_frames, sampling, on_step, **kwargs)
+
+    monkeypatch.setattr(FastBackend, "generate_window", fitting)
+    split, _, _ = generate_codes(tiny32, cond, run, take_seeds=seeds, backend=FastBackend())
+    assert seen[0] == 4 and set(seen[1:]) == {2}
+    assert torch.equal(split.cpu(), whole.cpu())
