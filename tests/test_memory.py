@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from tydust_gen.model import memory
 from tydust_gen.model.loading import load_model, resolve_source
 
-REPO_CONFIG = memory.Path(__file__).resolve().parent.parent / "bench/musicgen_small_config.json"
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "bench/musicgen_small_config.json"
 
 
 def _small_config():

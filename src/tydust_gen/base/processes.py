@@ -29,6 +29,7 @@ import os
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 from tydust_gen.base import signals
@@ -73,6 +74,21 @@ def is_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this machine can give a new allocation without swapping: Linux's MemAvailable, else the
+    free physical pages (other POSIX systems), else None (Windows: unknown, so nothing is refused)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def kill_self_now() -> None:

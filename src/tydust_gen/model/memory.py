@@ -15,11 +15,10 @@ musicgen-small (docs/FAMILY.md), the rest is counted exactly.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from tydust_gen.base import processes
 from tydust_gen.base.errors import DeviceError
 
 #: EnCodec decode of one take on the CPU, fp32, bytes per second of audio: the peak RSS of a 90 s
@@ -126,16 +125,7 @@ def available_bytes(device) -> int | None:
         import torch
 
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return processes.available_memory_bytes()
 
 
 def gb(n: float) -> str:
