@@ -224,7 +224,7 @@ def test_generate_loop_on_the_bar_when_the_music_has_a_beat(workdir, run_cli, mo
     from tydust_gen.base.waveform import Waveform
     from tydust_gen.model import generate as model_generate
 
-    def groove_instead(loaded, codes):
+    def groove_instead(loaded, codes, lead_in=None):
         seconds = codes.shape[-1] / loaded.frame_rate
         mono = groove(seconds, bpm=123.0, sr=loaded.sample_rate, pickup_beats=3)[0]
         return [Waveform(torch.from_numpy(mono)[None], loaded.sample_rate) for _ in range(codes.shape[0])]
