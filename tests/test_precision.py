@@ -289,7 +289,7 @@ def _fake_cuda(monkeypatch, cards):
     """torch.cuda as a machine with ``cards`` [(name, total bytes, (major, minor))] would show it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
-    index = lambda d: d if isinstance(d, int) else torch.device(d).index  # noqa: E731
+    index = lambda d: d if isinstance(d, int) else (torch.device(d).index or 0)  # noqa: E731  (a bare "cuda" is the current device, 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(name=cards[index(d)][0]))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=0: (cards[index(d)][1] // 2, cards[index(d)][1]))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=0: cards[index(d)][2])
