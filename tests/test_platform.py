@@ -13,11 +13,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, files_under
+from test_faults import wait_for_marker
 
 from tydust_gen.base import processes
 from tydust_gen.export.staging import STAGING_PREFIX
@@ -283,26 +283,13 @@ def test_list_sweeps_and_reports_what_it_cannot_remove(workdir, run_cli, undelet
     assert f"warning: {Path('out') / stuck.name} was left by a killed run of game_over and cannot be removed" in text.stderr
 
 
-def wait_for_marker(proc: subprocess.Popen, marker: str, timeout: float = 120) -> None:
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith(f"tydust-test-hook: {marker}"):
-            return
-    proc.kill()
-    raise AssertionError(f"marker {marker!r} never came; stderr: {''.join(lines)}")
-
-
 def test_sigkill_while_encoding_then_next_run_leaves_no_staging(workdir, run_cli, tiny_model_dir):
     out = workdir / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tydust_gen", "game_over", "-d", "0.6", "-o", "out", "--model", str(tiny_model_dir)],
         cwd=workdir, env=env_for(TYDUST_TEST_HOOK="encode"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    wait_for_marker(proc, "encode")  # the MP3 is staged, the OGG not yet
+    wait_for_marker(proc, "encode", timeout=120)  # the MP3 is staged, the OGG not yet
     proc.kill()
     proc.communicate()
     [left] = staging_left(out)

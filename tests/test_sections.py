@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import files_under
+from test_runs import error_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mutagen.mp3 import MP3
@@ -41,12 +42,6 @@ prompt = "dark wave music"
 # 3 s of music at the tiny model's 50 frames/s in windows of 100 frames advancing by 60:
 # without sections 100 + 50 frames; with starts at frames 50 and 100 three windows of 50.
 SHORT_WINDOWS = ("-d", "3", "--window", "2", "--stride", "1.2")
-
-
-def error_line(result) -> str:
-    lines = [x for x in result.stderr.strip().splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def write_prompt(folder: Path, name: str, text: str) -> Path:
