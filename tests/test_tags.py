@@ -297,8 +297,8 @@ def test_model_folder_path_is_kept_out_of_the_tags(workdir, run_cli, tiny_model_
         assert component not in text, f"{component!r} of the model path is in a tag:\n{text}"
     assert "/" not in text  # no path of any kind
     tags = read_tags(out / "t.mp3", out / "t.ogg")
-    assert tags["mp3_comment"] == [["calm synth menu music | seed=2 | model=tiny-musicgen"]]
-    assert tags["ogg_comment"] == ["calm synth menu music | seed=2 | model=tiny-musicgen"]
+    assert tags["mp3_comment"] == [["calm synth menu music | seed=2 | model=tiny-musicgen (mono)"]]
+    assert tags["ogg_comment"] == ["calm synth menu music | seed=2 | model=tiny-musicgen (mono)"]
     record = json.loads((out / "t.json").read_text(encoding="utf-8"))
     assert record["model"]["local_dir"] == str(model_dir.resolve()) and record["model"]["ref"] == str(model_dir)
 
