@@ -6,11 +6,19 @@ set for every test so nothing can reach (or silently use) a hub cache.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+# One OpenMP thread per test process (and the CLI processes tests start, which inherit it): the tiny
+# model's operations are too small to gain from a second thread, and on a 2-core machine that is also
+# running other work (CI runs the Ray tests beside the rest) two spinning OpenMP threads made the suite
+# 2-3x slower. Set before torch is imported; a test that needs torch's worker threads asks for them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -19,14 +27,14 @@ from typer.testing import CliRunner
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from synth import SR, encode, music  # noqa: E402
+from synth import SR, encode, music
 
 from tydust_gen.audio.loop import LoopResult, make_loop
-from tydust_gen.audio.master import remove_dc  # noqa: E402
-from tydust_gen.cli import app  # noqa: E402
+from tydust_gen.audio.master import remove_dc
+from tydust_gen.cli import app
 from tydust_gen.export.loudness import EncodedMasterResult, master_for_encoding
-from tydust_gen.export.tags import write_loop_tags  # noqa: E402
-from tydust_gen.model.tiny import save_tiny_model  # noqa: E402
+from tydust_gen.export.tags import write_loop_tags
+from tydust_gen.model.tiny import save_tiny_model
 
 
 @pytest.fixture(autouse=True)

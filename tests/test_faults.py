@@ -156,7 +156,7 @@ def test_signal_between_final_renames_completes_the_take(workdir, tiny_model_dir
     out, before = out_with_take
     go = tmp_path / "go"
     proc = spawn(workdir, tiny_model_dir, "game_over", "-d", "0.6", "--seed", "9", "-o", "out", "--force", new_group=True,
-                 TYDUST_TEST_HOOK="commit-held", TYDUST_TEST_HOOK_GO=str(go))  # fmt: skip
+                 TYDUST_TEST_HOOK="commit-held", TYDUST_TEST_HOOK_GO=str(go), OMP_NUM_THREADS="2")  # fmt: skip
     wait_for_marker(proc, "commit-held")
     assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) > 1  # worker threads that could take it
     proc.send_signal(sig)
