@@ -12,9 +12,11 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -252,6 +254,32 @@ def test_without_ray_installed_the_options_say_what_to_install(workdir, run_cli,
     no_leftovers(workdir)
 
 
+def test_a_batch_on_the_cluster_this_process_drives_keeps_rays_printer_off_stdout(cluster, capsys):
+    """A program (here: the tests) that started Ray itself and runs a batch on it: Ray's printer, started by
+    that program's ray.init, stays off stdout too. Seen in a run: a retried task's message after --json."""
+    ray = pytest.importorskip("ray")
+    from ray._private import worker as ray_worker
+
+    from tydust_gen.runs import distributed
+
+    def ray_prints(words: str) -> str:
+        # words of letters only: Ray's deduplicator masks digits, and hides a line like one it printed before
+        ray_worker.print_to_stdstream({"lines": [f"{words} failed, will be retried"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        return capsys.readouterr().out
+
+    before = ray_worker._worker_logs_enabled
+    ray_worker._worker_logs_enabled = True  # as the program's own ray.init leaves it
+    try:
+        first = "".join(random.choices(string.ascii_letters, k=24))
+        assert first in ray_prints(first)  # the printer is on
+        request = distributed.scale_request(ray="auto", workers=None, devices=None)
+        owned = distributed.RayScaleOut(request, "tiny")._connect(ray, listener=None)
+        assert owned is False  # the program's cluster: not ours to stop
+        assert ray_prints("".join(random.choices(string.ascii_letters, k=24))) == ""
+    finally:
+        ray_worker._worker_logs_enabled = before
+
+
 def test_rays_cluster_error_printer_stays_off_stdout(capsys):
     """Ray prints cluster errors ("... the task will be retried") on stdout whatever ``log_to_driver`` says;
     seen in CI breaking ``--json`` while a killed worker's track was retried."""
@@ -261,7 +289,8 @@ def test_rays_cluster_error_printer_stays_off_stdout(capsys):
     from tydust_gen.runs import distributed
 
     before = ray_worker._worker_logs_enabled
-    line = {"lines": [f"task {time.monotonic_ns()} failed, so the task will be retried"], "pid": "raylet", "is_err": False}
+    words = "".join(random.choices(string.ascii_letters, k=24))  # letters: Ray's deduplicator masks digits
+    line = {"lines": [f"task {words} failed, so the task will be retried"], "pid": "raylet", "is_err": False}
     try:
         distributed._quiet_ray_stdout(ray, worker_logs=True)
         ray_worker.print_to_stdstream(dict(line), ignore_prefix=False)

@@ -112,11 +112,11 @@ def no_leftovers(folder: Path) -> None:
 
 # --- signals at every stage ---------------------------------------------------------------
 
+# SIGINT at every stage is test_ctrl_c_stops_every_stage_promptly's (which also checks the earlier take)
 SIGNAL_POINTS = [
     ("loading", signal.SIGTERM, 143, "error: terminated; unfinished tracks were not written"),
-    ("generate:5", signal.SIGINT, 130, "error: interrupted; unfinished tracks were not written"),
     ("encode", signal.SIGTERM, 143, "error: terminated; unfinished tracks were not written"),
-    ("commit", signal.SIGINT, 130, "error: interrupted; unfinished tracks were not written"),
+    ("commit", signal.SIGTERM, 143, "error: terminated; unfinished tracks were not written"),
 ]
 
 
@@ -149,7 +149,19 @@ def _signal_taken(pid: int, sig: int, timeout: float = 10.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def assert_new_take_complete(out: Path, before: dict[str, bytes], seed: int, err: str) -> None:
+    """Audio and record all from the new run (seed ``seed``), consistent with each other."""
+    after = snapshot(out)
+    assert sorted(after) == TAKE, err
+    assert all(after[name] != before[name] for name in TAKE)
+    record = json.loads(after["game_over.json"])
+    assert record["settings"]["seed"] == seed
+    assert sorted(f["path"] for f in record["files"]) == ["game_over.mp3", "game_over.ogg"]
+    for f in record["files"]:
+        assert f["sha256"] == hashlib.sha256(after[f["path"]]).hexdigest()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])  # SIGINT: test_ctrl_c_stops_every_stage_promptly[commit-held]
 def test_signal_between_final_renames_completes_the_take(workdir, tiny_model_dir, out_with_take, tmp_path, sig, code):
     """A signal after the MP3 moved into place but before the OGG and the record did: the take completes,
     then the run stops with the signal's exit code. torch's threads are alive, so any thread may take it."""
@@ -164,14 +176,7 @@ def test_signal_between_final_renames_completes_the_take(workdir, tiny_model_dir
     go.touch()
     rc, err = finish(proc)
     assert rc == code, err
-    after = snapshot(out)
-    assert sorted(after) == TAKE, err
-    assert all(after[name] != before[name] for name in TAKE)  # audio and record all from the new run
-    record = json.loads(after["game_over.json"])
-    assert record["settings"]["seed"] == 9
-    assert sorted(f["path"] for f in record["files"]) == ["game_over.mp3", "game_over.ogg"]
-    for f in record["files"]:
-        assert f["sha256"] == hashlib.sha256(after[f["path"]]).hexdigest()
+    assert_new_take_complete(out, before, 9, err)
     no_leftovers(workdir)
 
 
@@ -191,15 +196,17 @@ CTRL_C_STAGES = ["loading", "generate:5", "decode", "master", "encode", "commit-
 
 
 @pytest.mark.parametrize("stage", CTRL_C_STAGES)
-def test_ctrl_c_stops_every_stage_promptly(workdir, tiny_model_dir, private_tmp, tmp_path, stage):
-    """Ctrl-C (SIGINT to a job in its own session) while a stage does its work: exit 130, quickly, nothing partial.
+def test_ctrl_c_stops_every_stage_promptly(workdir, tiny_model_dir, out_with_take, private_tmp, tmp_path, stage):
+    """Ctrl-C (SIGINT to a job in its own session) while a stage does its work, with ``--force`` over an
+    earlier take: exit 130, quickly, nothing partial, the earlier take byte-identical.
 
     The hook only marks the stage (sleep 0), so the signal lands in the stage's own work. Between
     the renames the hold waits for the go file, made right after the signal, so the run cannot end
-    before the signal comes.
+    before the signal comes: there the new take completes instead, all of it.
     """
+    out, before = out_with_take
     go = tmp_path / "go"
-    proc = spawn(workdir, tiny_model_dir, "game_over", "-d", "1", "-o", "out", new_group=True,
+    proc = spawn(workdir, tiny_model_dir, "game_over", "-d", "1", "--seed", "9", "-o", "out", "--force", new_group=True,
                  TYDUST_TEST_HOOK=stage, TYDUST_TEST_HOOK_SLEEP="0" if stage != "commit-held" else "60",
                  TYDUST_TEST_HOOK_GO=str(go), TMPDIR=str(private_tmp))  # fmt: skip
     wait_for_marker(proc, stage)
@@ -216,9 +223,10 @@ def test_ctrl_c_stops_every_stage_promptly(workdir, tiny_model_dir, private_tmp,
     proc.stdout.close()
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "error: interrupted; unfinished tracks were not written", err
-    # between the renames the take completes; anywhere else nothing is written (the folder made for the lock is gone)
-    expected = TAKE if stage == "commit-held" else []
-    assert (files_under(workdir / "out") if (workdir / "out").exists() else []) == expected
+    if stage == "commit-held":
+        assert_new_take_complete(out, before, 9, err)
+    else:
+        assert snapshot(out) == before
     no_leftovers(workdir)
     assert list(private_tmp.iterdir()) == []
     assert took <= CTRL_C_WALL_S and cpu_after <= CTRL_C_CPU_S, f"{took:.2f} s to exit, {cpu_after:.2f} s of CPU after SIGINT"

@@ -480,6 +480,9 @@ class RayScaleOut:
             # e.g. a program (or a test) that drives Ray itself and calls run_batch: use its cluster
             current = ray.get_runtime_context().gcs_address
             if r.ray in (None, *_ADDRESS_WORDS) or _host_port(r.ray) == _host_port(current):
+                # its Ray printer too would write a retried task's message on stdout, in the middle of
+                # (or after) --json; it stays off afterwards, as a message can come after the run ends
+                _quiet_ray_stdout(ray, r.worker_logs)
                 return False
             raise UsageError(f"this process is already connected to the Ray cluster at {current}; pass --ray auto to use it")
         options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": r.worker_logs, "include_dashboard": False}
