@@ -7,11 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from tydust_gen.audio.loop import loop_summary
 from tydust_gen.base.errors import EXIT_TRACK_FAILED
 from tydust_gen.base.settings import MAX_DURATION_S
 from tydust_gen.cli.main import app
-from tydust_gen.cli.output import Reporter, guarded, human_size, print_json
+from tydust_gen.cli.output import Reporter, guarded, print_json, take_details
 from tydust_gen.runs import provenance
 from tydust_gen.runs.mastering import MasterBatch, MasterRequest, master_files
 
@@ -109,14 +108,6 @@ def _summary(rep: Reporter, done: MasterBatch) -> None:
         if not r.ok:
             continue
         rep.info(f"{r.name}: from {plan.source.path} ({plan.source.duration_s:.2f} s at {plan.source.sample_rate} Hz), {r.timings['total']:.1f} s")
-        if r.loudness:
-            peaks = ", ".join(f"{k} {v} dBTP" for k, v in r.loudness["encoded_true_peak_dbtp"].items())
-            rep.info(f"  loudness {r.loudness['output_lufs']} LUFS, true peak {peaks}")
-        if r.loop:
-            rep.info(f"  {loop_summary(r.loop)}")
-        if r.preview:
-            rep.info(f"  {r.preview}")
-        for f in r.files:
-            rep.info(f"  {f.path}  {f.duration_s:.2f} s  {human_size(f.size_bytes)}  {f.sample_rate} Hz {f.channels} ch")
+        take_details(rep, r)
     ok = sum(r.ok for r in done.results)
     rep.info(f"done: {ok}/{len(done.results)} file(s) in {done.total_s:.1f} s")

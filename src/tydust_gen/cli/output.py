@@ -135,6 +135,23 @@ def human_size(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def take_details(rep: Reporter, r: TrackResult) -> None:
+    """The lines under a finished take's headline (``generate`` and ``master`` alike): loudness and
+    true peak as measured on the encoded files, the loop, the preview, and each file written."""
+    if r.loudness:
+        peaks = ", ".join(f"{k} {v} dBTP" for k, v in r.loudness["encoded_true_peak_dbtp"].items())
+        rep.info(f"  loudness {r.loudness['output_lufs']} LUFS, true peak {peaks}")
+    if r.loop:
+        rep.info(f"  {loop_summary(r.loop)}")
+    if r.preview:
+        rep.info(f"  {r.preview}")
+    for f in r.files:
+        rep.info(
+            f"  {f.path}  {f.duration_s:.2f} s  {human_size(f.size_bytes)}  {f.bitrate_bps / 1000:.0f} kbit/s"
+            f"{' CBR' if f.format == 'mp3' else ' nominal'}  {f.sample_rate} Hz {f.channels} ch"
+        )
+
+
 def summary(rep: Reporter, results: list[TrackResult], total_s: float) -> None:
     """What each finished take is, on stderr. Failed tracks were reported when they failed."""
     for r in results:
@@ -146,18 +163,7 @@ def summary(rep: Reporter, results: list[TrackResult], total_s: float) -> None:
         seed_note = " (random)" if r.seed_was_random else ""
         take_note = f", take {r.take}/{r.takes} of batch seed {r.batch_seed}" if r.takes > 1 else ""
         rep.info(f"{r.name}: seed {r.settings.seed}{seed_note}{take_note}, {r.steps} steps in {r.windows} window(s), {r.timings['total']:.1f} s")
-        if r.loudness:
-            peaks = ", ".join(f"{k} {v} dBTP" for k, v in r.loudness["encoded_true_peak_dbtp"].items())
-            rep.info(f"  loudness {r.loudness['output_lufs']} LUFS, true peak {peaks}")
-        if r.loop:
-            rep.info(f"  {loop_summary(r.loop)}")
-        if r.preview:
-            rep.info(f"  {r.preview}")
-        for f in r.files:
-            rep.info(
-                f"  {f.path}  {f.duration_s:.2f} s  {human_size(f.size_bytes)}  {f.bitrate_bps / 1000:.0f} kbit/s"
-                f"{' CBR' if f.format == 'mp3' else ' nominal'}  {f.sample_rate} Hz {f.channels} ch"
-            )
+        take_details(rep, r)
     ok = sum(r.ok for r in results)
     rep.info(f"done: {ok}/{len(results)} track(s) in {total_s:.1f} s")
 
