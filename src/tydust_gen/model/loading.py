@@ -320,6 +320,18 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
     except RuntimeError as exc:
         raise DeviceError(f"could not move the model to {device}: {str(exc).splitlines()[0]}") from exc
     model.eval()
+    return describe_model(model, processor, source=source, device=device, dtype=dtype)
+
+
+def describe_model(model, processor, *, source: ModelSource, device, dtype) -> LoadedModel:
+    """A loaded ``MusicgenForConditionalGeneration`` as a :class:`LoadedModel`: rates, codebooks, family from its config.
+
+    :func:`load_model` ends here; the benchmarks build random full-size models in code and describe them
+    through the same derivation.
+
+    Raises:
+        ModelError: a decoder whose audio channels tydust-gen cannot run.
+    """
     audio_cfg = model.config.audio_encoder
     dec_cfg = model.config.decoder
     frame_rate = getattr(audio_cfg, "frame_rate", None)
