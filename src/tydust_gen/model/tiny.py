@@ -23,6 +23,8 @@ TINY_SAMPLE_RATE = 32_000  # Hz, same as musicgen-small
 TINY_MAX_POSITIONS = 2048  # decoder positions, as musicgen-small (sinusoidal: no weights)
 TINY_MAX_PROMPT_TOKENS = 512  # tokens, the model_max_length of the real T5 tokenizer
 TINY_CODEC_CODEBOOKS = 4  # EnCodec codebooks per channel, as the 32 kHz EnCodec of musicgen-small
+TINY_MELODY_PROJ_STD = 1.0  # std of the melody model's chroma → decoder projection weights (see build_tiny_model)
+TINY_MELODY_HEAD_GAIN = 30.0  # factor on the melody model's output heads, so its logits are not near-flat
 
 
 def _vocab() -> list[tuple[str, float]]:
@@ -134,6 +136,13 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False, melody: bool = Fals
             layer.codebook.embed.normal_(0.0, 1.0)
             layer.codebook.embed_avg.copy_(layer.codebook.embed)
             layer.codebook.cluster_size.fill_(1.0)
+        if melody:
+            # At the init scale (std 0.02) the chroma moves the logits by ~1e-4 and the near-flat
+            # distributions sample the same tokens whatever the melody. A unit-scale chroma projection
+            # and sharper output heads let the melody reach the sampled tokens, as it does in the real model.
+            model.audio_enc_to_dec_proj.weight.normal_(0.0, TINY_MELODY_PROJ_STD)
+            for head in model.decoder.lm_heads:
+                head.weight.mul_(TINY_MELODY_HEAD_GAIN)
     gen = model.generation_config
     gen.decoder_start_token_id = TINY_CODEBOOK_SIZE
     gen.pad_token_id = TINY_CODEBOOK_SIZE
