@@ -341,7 +341,7 @@ def test_cli_follows_a_melody_from_the_prompt_file_and_regenerate_repeats_it(wor
     assert track["melody"] == followed
     from mutagen.oggvorbis import OggVorbis
 
-    assert "(melody)" in OggVorbis(workdir / "out/boss.ogg")["description"][0]
+    assert "(melody)" in OggVorbis(workdir / "out/boss.ogg")["comment"][0]
 
     again = run_cli("regenerate", "out/boss.json", "-o", "again", "--json", model=False)
     assert again.exit_code == 0, again.stderr
@@ -439,3 +439,13 @@ def test_a_bad_melody_key_in_the_prompt_file_names_the_file(workdir, run_cli, no
     bad_type = _melody_prompts(workdir, 'prompt = "dark synth"\nmelody = 3\n', name="typed")
     result = run_cli("typed", "--prompts-dir", str(bad_type), "-d", "0.4", "--model", str(tiny_melody_dir))
     assert result.exit_code == 2 and "melody must name an audio file" in result.stderr
+
+
+def test_memory_check_counts_a_melody_model_as_what_it_loads(tiny_melody_dir, tiny_melody):
+    """The pre-load memory estimate builds the melody class (no cross-attention), not a plain MusicGen."""
+    from tydust_gen.model import memory
+
+    config = memory.config_for(loading.resolve_source(str(tiny_melody_dir)))
+    floats, _ = memory.count_parameters(config)
+    model = tiny_melody.model
+    assert floats == sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
