@@ -346,7 +346,10 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
         with out_of_memory_while_loading(), hub_download_progress(show_download_progress):
             # The config says which family the checkpoint is: the melody models are another class
             # (chroma and text prepended to the decoder input) with another processor.
-            melody = getattr(AutoConfig.from_pretrained(where, **kwargs), "model_type", None) == MELODY_MODEL_TYPE
+            try:
+                melody = getattr(AutoConfig.from_pretrained(where, **kwargs), "model_type", None) == MELODY_MODEL_TYPE
+            except (OSError, ValueError, KeyError):
+                melody = False  # a broken config: the model's own from_pretrained says what is wrong, as before
             model_class = MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration
             processor_class = MusicgenMelodyProcessor if melody else MusicgenProcessor
             model = model_class.from_pretrained(where, dtype=torch.float32, **kwargs)
