@@ -449,3 +449,11 @@ def test_memory_check_counts_a_melody_model_as_what_it_loads(tiny_melody_dir, ti
     floats, _ = memory.count_parameters(config)
     model = tiny_melody.model
     assert floats == sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+
+
+def test_the_tiny_melody_text_is_projected_as_the_real_ones(tiny_melody):
+    """facebook/musicgen-melody's T5 (768) is narrower than its decoder (1536): the text goes through
+    enc_to_dec_proj, whose config check (cross_attention_hidden_size) a melody decoder config lacks."""
+    assert tiny_melody.model.text_encoder.config.hidden_size != tiny_melody.model.decoder.config.hidden_size
+    cond = encode_text(tiny_melody, PROMPTS, 3.0)
+    assert cond.hidden.shape[-1] == tiny_melody.model.decoder.config.hidden_size

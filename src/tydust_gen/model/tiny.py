@@ -23,6 +23,7 @@ TINY_SAMPLE_RATE = 32_000  # Hz, same as musicgen-small
 TINY_MAX_POSITIONS = 2048  # decoder positions, as musicgen-small (sinusoidal: no weights)
 TINY_MAX_PROMPT_TOKENS = 512  # tokens, the model_max_length of the real T5 tokenizer
 TINY_CODEC_CODEBOOKS = 4  # EnCodec codebooks per channel, as the 32 kHz EnCodec of musicgen-small
+TINY_MELODY_TEXT_WIDTH = 24  # T5 width of the tiny melody model (its decoder is 32 wide)
 TINY_MELODY_PROJ_STD = 1.0  # std of the melody model's chroma → decoder projection weights (see build_tiny_model)
 TINY_MELODY_HEAD_GAIN = 30.0  # factor on the melody model's output heads, so its logits are not near-flat
 
@@ -80,7 +81,9 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False, melody: bool = Fals
     tokenizer = T5Tokenizer(vocab=_vocab(), extra_ids=0, model_max_length=TINY_MAX_PROMPT_TOKENS)
     text_cfg = T5Config(
         vocab_size=len(tokenizer),
-        d_model=32,
+        # the melody model's T5 is narrower than its decoder, as in facebook/musicgen-melody (768 → 1536),
+        # so its text goes through enc_to_dec_proj
+        d_model=TINY_MELODY_TEXT_WIDTH if melody else 32,
         d_kv=8,
         d_ff=64,
         num_layers=2,
