@@ -412,7 +412,7 @@ def _error_case(tmp_path, case):
     if case == "fast-backend":
         return ["--melody", str(_wav(tmp_path / "tune.wav", _tune(1.0))), "--backend", "fast"], "melody", "use --backend stock"
     if case == "variations":
-        return ["--melody", str(_wav(tmp_path / "tune.wav", _tune(1.0))), "--variations", "2", "--backend", "fast"], "melody", "--variations cannot be combined with a melody"
+        return ["--melody", str(_wav(tmp_path / "tune.wav", _tune(1.0))), "--variations", "2"], "melody", "--variations cannot be combined with a melody"
     raise AssertionError(case)
 
 
