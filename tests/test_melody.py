@@ -236,7 +236,7 @@ def test_every_window_follows_its_melody_stretch_and_its_prefix(tiny_melody):
 
 def test_the_melody_changes_the_music(tiny_melody):
     """Same seed and text: another melody (or none) gives other tokens; the same melody the same ones."""
-    settings = GenerationSettings(duration_s=0.8, seed=9, sampling=SamplingSettings())
+    settings = GenerationSettings(duration_s=0.4, seed=9, sampling=SamplingSettings())
     text = encode_text(tiny_melody, PROMPTS[:1], 3.0)
 
     def run(tune):
