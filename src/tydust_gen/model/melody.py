@@ -102,7 +102,7 @@ def window_slices(windows: Sequence[Window], frame_rate: int, sample_rate: int) 
 
     A window starts in the track where its context starts: the frames generated before
     it minus its context frames, which is before the track (negative) when a
-    continuation's prompt is the first windows' context. Its stretch starts at the same
+    continuation's prompt is the first window's context. Its stretch starts at the same
     time in the melody and lasts :data:`MELODY_SPAN_S`.
 
     >>> [s.start for s in window_slices([Window(0, 1500), Window(600, 900), Window(600, 900)], 50, 32_000)]
