@@ -75,6 +75,38 @@ def tiny_stereo(tiny_stereo_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_melody_dir(tmp_path_factory) -> Path:
+    """A tiny random MusicgenMelody (chroma + text prepended to the decoder input, as facebook/musicgen-melody)
+    saved with save_pretrained, with its MusicgenMelodyProcessor."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-musicgen-melody"), melody=True)
+
+
+#: The commit the HF-cache copy of the tiny melody model pretends to be.
+MELODY_CACHE_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+@pytest.fixture(scope="session")
+def melody_hf_home(tmp_path_factory, tiny_melody_dir) -> Path:
+    """An HF_HOME whose hub cache holds the tiny melody model as facebook/musicgen-melody (snapshot + refs/main)."""
+    home = tmp_path_factory.mktemp("hf-melody")
+    repo = home / "hub" / "models--facebook--musicgen-melody"
+    shutil.copytree(tiny_melody_dir, repo / "snapshots" / MELODY_CACHE_COMMIT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(MELODY_CACHE_COMMIT)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_melody(tiny_melody_dir):
+    """The tiny melody model loaded through the same code path the CLI uses."""
+    import torch
+
+    from tydust_gen.model import loading as engine
+
+    return engine.load_model(engine.resolve_source(str(tiny_melody_dir)), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
     """The tiny model loaded once through the same code path the CLI uses."""
     import torch

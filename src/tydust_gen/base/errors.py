@@ -48,6 +48,10 @@ class SettingsError(UsageError):
     """An option or prompt-file setting has a bad value (duration, seed, sampling...)."""
 
 
+class MelodyError(UsageError):
+    """The melody to follow cannot be used: missing, unreadable, silent, too long, or the model has no melody input."""
+
+
 class EnvironmentProblem(TydustError):
     """Something the machine must provide is missing: ffmpeg, the model, a device, a writable folder."""
 

@@ -28,6 +28,7 @@ A track ``NAME`` is ``<prompts dir>/NAME.toml`` or ``<prompts dir>/NAME.txt``.
       meter = "4/4"                 # time signature the bars are counted in
       variations = 1                # takes in one batched generation
       preview = false               # also write NAME.png
+      melody = "themes/boss.ogg"    # a melody model follows this tune (relative to this file's folder)
 
       [[section]]                   # optional: the track moves through sections (see below)
       at = 20                       # seconds from the start

@@ -262,10 +262,18 @@ def parse_continue_from(value: Any) -> str:
     return value.strip()
 
 
-#: Keys that steer a track with audio (prompt files; the CLI has --continue-from FILE and --context).
+def parse_melody(value: Any) -> str:
+    """A prompt file's ``melody``: the audio file whose tune the track follows (relative to the prompt file's folder)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f'melody must name an audio file, got {value!r}; e.g. melody = "themes/boss.ogg"')
+    return value.strip()
+
+
+#: Keys that steer a track with audio (prompt files; the CLI has --continue-from FILE, --context and --melody FILE).
 CONDITIONING_PARSERS = {
     "continue_from": parse_continue_from,
     "context": parse_context,
+    "melody": parse_melody,
 }
 
 

@@ -109,6 +109,11 @@ def generate_cmd(
     context: Optional[str] = typer.Option(
         None, "--context", metavar=FLOAT, help="Seconds of --continue-from (or the prompt file's continue_from) fed to the model (default 10, max 20)."
     ),
+    melody: Optional[Path] = typer.Option(
+        None, "--melody", metavar="FILE",
+        help="Follow this tune (any audio ffmpeg reads, up to 10 minutes) with a melody model "
+        "(--model facebook/musicgen-melody or -melody-large); it loops when shorter than the track.",
+    ),  # fmt: skip
     preview: bool = typer.Option(False, "--preview", help="Also write TRACK.png: waveform and spectrogram (needs matplotlib)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing outputs (default: refuse)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary; errors only."),
@@ -141,6 +146,7 @@ def generate_cmd(
             "preview": True if preview else None,
             "continue_from": str(continue_from) if continue_from is not None else None,
             "context": context,
+            "melody": str(melody) if melody is not None else None,
         },
         model_ref=model,
         device_name=device,

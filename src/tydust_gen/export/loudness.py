@@ -73,6 +73,7 @@ def decode_audio(
     *,
     sample_rate: int = ENCODED_SAMPLE_RATE,
     channels: int = ENCODED_CHANNELS,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decode any file ffmpeg reads to float32 ``[C, N]`` without clipping.
 
@@ -83,6 +84,8 @@ def decode_audio(
         path: an MP3, OGG, WAV... file.
         sample_rate: Hz to decode at.
         channels: channel count to decode to.
+        max_seconds: stop decoding after this many seconds (None: the whole file), so a
+            caller with a length limit need not hold hours of samples to find a file too long.
 
     Returns:
         float32 ``[channels, N]``.
@@ -92,7 +95,8 @@ def decode_audio(
     """
     cmd = [
         ffmpeg_exe(), "-nostdin", "-v", "error", "-i", os.fspath(path),
-        "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate), "-",
+        "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate),
+        *(["-t", f"{max_seconds:.6f}"] if max_seconds is not None else []), "-",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:

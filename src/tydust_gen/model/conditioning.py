@@ -74,7 +74,8 @@ def encode_text(loaded: LoadedModel, prompts: list[str], guidance_scale: float) 
         hidden = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         if (
             model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
-            and model.decoder.config.cross_attention_hidden_size is None
+            # a melody decoder's config has no such field (it projects whenever the widths differ)
+            and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None
         ):
             hidden = model.enc_to_dec_proj(hidden)
         hidden = hidden * mask[..., None].to(hidden.dtype)

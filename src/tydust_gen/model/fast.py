@@ -70,6 +70,11 @@ def check_supported(loaded: LoadedModel) -> None:
     Raises:
         GenerationError: the config sets EOS stopping or a penalty processor.
     """
+    if loaded.family == "melody":
+        # this loop feeds the text through cross-attention; a melody model prepends chroma and text instead
+        raise GenerationError(
+            f"the fast backend does not run melody models ({loaded.source.ref}); use --backend stock"
+        )
     gen = loaded.model.generation_config
     unsupported = []
     if getattr(gen, "eos_token_id", None) is not None:

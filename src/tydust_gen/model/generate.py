@@ -100,6 +100,7 @@ def generate_codes(
     take_seeds: list[int] | None = None,
     sections: Sequence[SectionConditioning] = (),
     prompt_codes: Any | None = None,
+    melody: Any | None = None,
 ) -> tuple[Any, list[Window], int]:
     """Generate all codes of a track, window by window.
 
@@ -119,6 +120,11 @@ def generate_codes(
     except for its batch size. The codes of earlier windows are the context as
     usual, so the music carries across a section start.
 
+    With ``melody`` (mono float32 samples at the feature extractor's rate, for a model of
+    the melody family) each window is conditioned on the chroma of its stretch of the
+    melody (:func:`~tydust_gen.model.melody.window_slices`) ahead of its text. A melody
+    model always gets that prepended conditioning, with the null melody when there is none.
+
     A batch of takes that runs out of memory is split in halves, and those
     again, down to one take a batch (:func:`_generate_in_batches`); because each
     take has its own seed, the takes are the ones the whole batch would give.
@@ -129,7 +135,11 @@ def generate_codes(
 
     Raises:
         GenerationError: the model failed (out of memory even one take at a time, NaN...).
+        MelodyError: a melody for a model without melody input.
     """
+    from tydust_gen.model import melody as melody_stage
+
+    melody_stage.check_melody_model(loaded, melody is not None)
     total, window_frames, stride_frames = frames_for(settings, loaded.frame_rate)
     check_window_fits(loaded, min(window_frames, total))
     if sections and sections[0].start_s != 0:
@@ -147,7 +157,12 @@ def generate_codes(
             raise ValueError(f"{len(take_seeds)} take seeds for a batch of {cond.batch_size}")
         if not getattr(backend, "supports_take_generators", False):
             raise SettingsError(f"the {backend.name} backend cannot give each take its own seed; use --backend fast")
-    track = _TrackInputs(cond, tuple(sections), prompt_codes)
+    chromas: tuple[Any, ...] | None = None
+    if loaded.family == "melody":
+        rate = loaded.processor.feature_extractor.sampling_rate
+        slices = melody_stage.window_slices(windows, loaded.frame_rate, rate)
+        chromas = tuple(melody_stage.chroma(loaded, None if melody is None else s.samples(melody)) for s in slices)
+    track = _TrackInputs(cond, tuple(sections), prompt_codes, chromas)
     with memory.translated("generating", gpu_advice=GENERATE_GPU_ADVICE, cpu_advice=GENERATE_CPU_ADVICE):
         if take_seeds is None or len(take_seeds) == 1:
             codes = _generate_batch(loaded, track, settings, windows, backend, take_seeds, _counter(progress, total_steps))
@@ -160,22 +175,32 @@ def generate_codes(
 
 @dataclass(frozen=True)
 class _TrackInputs:
-    """What conditions every window of a batch: the text (one per section, or one) and a continuation's codes."""
+    """What conditions every window of a batch: the text (one per section, or one), a continuation's codes,
+    and for a melody model each window's chroma (``[1, T, 12]``, or None for the null melody)."""
 
     cond: Conditioning
     sections: tuple[SectionConditioning, ...]
     prompt_codes: Any | None
+    chromas: tuple[Any, ...] | None = None
 
     def takes(self, start: int, stop: int) -> "_TrackInputs":
         """The same inputs for takes ``start`` to ``stop`` of the batch."""
         sections = tuple(SectionConditioning(sc.start_s, sc.cond.takes(start, stop), sc.sampling) for sc in self.sections)
-        return _TrackInputs(self.cond.takes(start, stop), sections, self.prompt_codes)
+        return _TrackInputs(self.cond.takes(start, stop), sections, self.prompt_codes, self.chromas)
 
-    def for_window(self, w: Window, settings: GenerationSettings) -> tuple[Conditioning, SamplingSettings]:
+    def for_window(
+        self, loaded: LoadedModel, index: int, w: Window, settings: GenerationSettings
+    ) -> tuple[Conditioning, SamplingSettings]:
         if self.sections:
             section = self.sections[w.section]
-            return section.cond, section.sampling
-        return self.cond, settings.sampling
+            cond, sampling = section.cond, section.sampling
+        else:
+            cond, sampling = self.cond, settings.sampling
+        if self.chromas is not None:
+            from tydust_gen.model.melody import melody_conditioning
+
+            cond = melody_conditioning(loaded, cond, self.chromas[index])
+        return cond, sampling
 
 
 def _counter(progress: ProgressCallback | None, total_steps: int) -> Callable[[], None]:
@@ -260,9 +285,9 @@ def _generate_batch(
     if track.prompt_codes is not None:
         codes = track.prompt_codes.to(loaded.device).expand(track.cond.batch_size, -1, -1).contiguous()
     with torch.inference_mode():
-        for w in windows:
+        for index, w in enumerate(windows):
             prefix = None if w.context_frames == 0 else codes[:, :, -w.context_frames :]
-            window_cond, sampling = track.for_window(w, settings)
+            window_cond, sampling = track.for_window(loaded, index, w, settings)
             new = backend.generate_window(loaded, window_cond, prefix, w.new_frames, sampling, on_step, **extra)
             if new.shape[-1] != w.new_frames:
                 raise GenerationError(

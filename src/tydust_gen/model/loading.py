@@ -16,6 +16,7 @@ autocast).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ DEVICE_CHOICES = ("auto", "cuda", "cpu")
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 #: Decoder ``audio_channels`` we can run: mono, and stereo (left/right codebooks interleaved).
 SUPPORTED_AUDIO_CHANNELS = (1, 2)
+#: config.json ``model_type`` of the melody checkpoints (facebook/musicgen-melody, -melody-large).
+MELODY_MODEL_TYPE = "musicgen_melody"
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -58,8 +61,10 @@ class LoadedModel:
     """A MusicGen ready to generate, with the facts the later stages need.
 
     Attributes:
-        model: ``MusicgenForConditionalGeneration`` in eval mode on ``device``.
-        processor: the matching ``MusicgenProcessor`` (tokenizer).
+        model: ``MusicgenForConditionalGeneration`` (``MusicgenMelodyForConditionalGeneration`` for the
+            melody family) in eval mode on ``device``.
+        processor: the matching ``MusicgenProcessor`` (tokenizer); ``MusicgenMelodyProcessor`` for
+            the melody family, whose feature extractor computes the chroma.
         device: torch device it runs on.
         dtype: the decoder's compute dtype (T5 and EnCodec are fp32).
         source: where it was loaded from.
@@ -71,6 +76,8 @@ class LoadedModel:
         audio_channels: channels the decoder's codebooks carry (1, or 2 for the stereo checkpoints,
             whose codebooks alternate left, right, left, ... and decode through EnCodec one channel at a time).
         family: ``"mono"``, ``"stereo"`` or ``"melody"``, for tags, ``--json`` and the record.
+            A melody model's decoder reads the chroma and the text prepended to the audio tokens
+            (no cross-attention); see :mod:`tydust_gen.model.melody`.
     """
 
     model: Any
@@ -131,6 +138,35 @@ def resolve_source(ref: str) -> ModelSource:
             f"download it once with `hf download {ref}` on a connected machine, or pass --model DIR"
         )
     return ModelSource(ref=ref, local_dir=None, hub_id=ref)
+
+
+def peek_family(source: ModelSource) -> str | None:
+    """The family a snapshot will load as, read from its config.json without loading any weights.
+
+    Lets a run refuse a melody on a model without melody support (and pick the backend a
+    melody model needs) in a second, before the weights load. None when the config cannot
+    be read here (a hub id not downloaded yet): :func:`load_model` then tells.
+    """
+    config_file: str | os.PathLike[str] | None = None
+    if source.local_dir is not None:
+        config_file = source.local_dir / "config.json"
+    elif source.hub_id is not None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - transformers always brings it
+            return None
+        found = try_to_load_from_cache(source.hub_id, "config.json")
+        config_file = found if isinstance(found, str) else None
+    if config_file is None:
+        return None
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    decoder = config.get("decoder") if isinstance(config.get("decoder"), dict) else {}
+    return model_family(int(decoder.get("audio_channels", 1) or 1), melody=config.get("model_type") == MELODY_MODEL_TYPE)
 
 
 def is_cached(hub_id: str) -> bool:
@@ -291,7 +327,13 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
         ModelError: the snapshot is missing, incomplete or not a MusicGen, or memory ran out.
     """
     import torch
-    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+    from transformers import (
+        AutoConfig,
+        MusicgenForConditionalGeneration,
+        MusicgenMelodyForConditionalGeneration,
+        MusicgenMelodyProcessor,
+        MusicgenProcessor,
+    )
 
     quiet_transformers()
     if dtype is None:
@@ -302,8 +344,16 @@ def load_model(source: ModelSource, device, *, dtype=None, show_download_progres
         kwargs["local_files_only"] = True
     try:
         with out_of_memory_while_loading(), hub_download_progress(show_download_progress):
-            model = MusicgenForConditionalGeneration.from_pretrained(where, dtype=torch.float32, **kwargs)
-            processor = MusicgenProcessor.from_pretrained(where, **kwargs)
+            # The config says which family the checkpoint is: the melody models are another class
+            # (chroma and text prepended to the decoder input) with another processor.
+            try:
+                melody = getattr(AutoConfig.from_pretrained(where, **kwargs), "model_type", None) == MELODY_MODEL_TYPE
+            except (OSError, ValueError, KeyError):
+                melody = False  # a broken config: the model's own from_pretrained says what is wrong, as before
+            model_class = MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration
+            processor_class = MusicgenMelodyProcessor if melody else MusicgenProcessor
+            model = model_class.from_pretrained(where, dtype=torch.float32, **kwargs)
+            processor = processor_class.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (
@@ -358,10 +408,12 @@ def describe_model(model, processor, *, source: ModelSource, device, dtype) -> L
         codebook_size=int(dec_cfg.vocab_size),
         max_positions=int(dec_cfg.max_position_embeddings),
         audio_channels=channels,
-        family=model_family(channels),
+        family=model_family(channels, melody=melody),
     )
 
 
-def model_family(audio_channels: int) -> str:
-    """The family name a run reports: ``mono`` or ``stereo``."""
+def model_family(audio_channels: int, *, melody: bool = False) -> str:
+    """The family name a run reports: ``mono``, ``stereo`` or ``melody``."""
+    if melody:
+        return "melody"
     return "stereo" if audio_channels == 2 else "mono"

@@ -72,10 +72,12 @@ def count_parameters(config) -> tuple[int, int]:
     and buffers, counted on the meta device (no memory). The first take the run's dtype when it loads;
     integer buffers (positions, counters) keep their size."""
     import torch
-    from transformers import MusicgenForConditionalGeneration
+    from transformers import MusicgenForConditionalGeneration, MusicgenMelodyForConditionalGeneration
 
+    # a melody checkpoint has no cross-attention: counted as a plain MusicGen it would be ~30 % too big
+    melody = getattr(config, "model_type", None) == "musicgen_melody"
     with torch.device("meta"):
-        model = MusicgenForConditionalGeneration(config)
+        model = (MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration)(config)
     floats, other = 0, 0
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
@@ -153,13 +155,14 @@ def config_for(source) -> Any:
 
     Returns None when it cannot be read (the load reports the problem with its own message).
     """
-    from transformers import MusicgenConfig
+    from transformers import MusicgenConfig, MusicgenMelodyConfig
 
-    from tydust_gen.model.loading import offline_mode, quiet_transformers
+    from tydust_gen.model.loading import offline_mode, peek_family, quiet_transformers
 
     quiet_transformers()
     where = str(source.local_dir) if source.local_dir is not None else source.hub_id
+    config_class = MusicgenMelodyConfig if peek_family(source) == "melody" else MusicgenConfig
     try:
-        return MusicgenConfig.from_pretrained(where, local_files_only=source.hub_id is not None and offline_mode())
+        return config_class.from_pretrained(where, local_files_only=source.hub_id is not None and offline_mode())
     except (OSError, ValueError, KeyError):
         return None

@@ -5,10 +5,16 @@ fp16/bf16 decoder weights it runs under :func:`autocast` (as audiocraft runs its
 language model), so the fp32 text conditioning meets the decoder's weights and
 layer norms and softmax compute in fp32 where torch's autocast lists say so.
 Non-finite logits stop the take (:class:`_FiniteScores`).
+
+A melody model (:mod:`tydust_gen.model.melody`) runs through its decoder's own
+``generate`` too, with the prepended conditioning put in place by
+:func:`_melody_inputs`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable
 
 from tydust_gen.base.errors import GenerationError
@@ -84,6 +90,37 @@ def _prefill_context(model, cache, ids, cond: Conditioning, start: int, p: int) 
         )
 
 
+@contextlib.contextmanager
+def _melody_inputs(decoder, states):
+    """While ``decoder.generate`` runs: feed it the whole guided conditioning ``states`` as transformers' top-level generate does.
+
+    ``MusicgenMelodyForCausalLM.prepare_inputs_for_generation`` (transformers 5) builds
+    the unconditional rows as zeros, where ``MusicgenMelodyForConditionalGeneration.generate``
+    gives them the null melody (:func:`~tydust_gen.model.melody.melody_conditioning`), and it
+    hands the decoder a self-attention mask without the prepended positions, which shifts
+    the causal mask once the cache holds them. Each step's inputs are therefore taken as
+    transformers builds them, with ``states`` in place of its conditioning and no mask
+    (all prepended positions and all earlier tokens are attended, as in the top-level
+    generate). Verified token for token against that generate in tests/test_melody.py.
+    """
+
+    original = decoder.prepare_inputs_for_generation
+
+    @functools.wraps(original)  # generate() validates its kwargs against this signature
+    def prepare(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        if inputs.get("encoder_hidden_states") is not None:  # the first step only (then they are cached)
+            inputs["encoder_hidden_states"] = states
+        inputs["attention_mask"] = None
+        return inputs
+
+    decoder.prepare_inputs_for_generation = prepare
+    try:
+        yield
+    finally:
+        del decoder.prepare_inputs_for_generation
+
+
 class StockBackend:
     """transformers' own decoder ``generate`` (eager, dynamic KV cache)."""
 
@@ -93,6 +130,8 @@ class StockBackend:
         import torch
         from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList, StoppingCriteriaList
 
+        if loaded.family == "melody":
+            return self._melody_window(loaded, cond, prefix, new_frames, sampling, on_step)
         model = loaded.model
         gen_cfg = model.generation_config
         start = gen_cfg.decoder_start_token_id
@@ -120,6 +159,44 @@ class StockBackend:
                 attention_mask=self_mask,
                 encoder_hidden_states=cond.hidden,
                 encoder_attention_mask=cond.mask,
+                max_new_tokens=new_frames + loaded.delay_codebooks - 1,
+                pad_token_id=gen_cfg.pad_token_id,
+                bos_token_id=gen_cfg.bos_token_id,
+                decoder_start_token_id=start,
+                num_return_sequences=1,
+                use_cache=True,
+                stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
+                logits_processor=LogitsProcessorList([finite]),
+                **sampling_kwargs(loaded, sampling),
+            )
+        finite.check()
+        return out[:, :, p:]
+
+    def _melody_window(self, loaded, cond, prefix, new_frames, sampling, on_step):
+        """One window of a melody model: ``cond`` holds the prepended chroma + text states ([B'] rows, guided pairs)."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        model = loaded.model
+        gen_cfg = model.generation_config
+        start = gen_cfg.decoder_start_token_id
+        k = loaded.num_codebooks
+        b = cond.batch_size
+        ids = torch.full((b * k, 1), start, dtype=torch.long, device=loaded.device)
+        p = 0
+        if prefix is not None:
+            p = int(prefix.shape[-1])
+            ids = torch.cat([ids, prefix.reshape(b * k, p).to(loaded.device)], dim=-1)
+        finite = _FiniteScores()
+        # No cache is handed in: the prefill then runs the conditioning, the start token and the
+        # whole prefix at once (this decoder's prepare_inputs slices by the cache's length).
+        with autocast(loaded), _melody_inputs(model.decoder, cond.hidden):
+            out = model.decoder.generate(
+                input_ids=ids,
+                # the conditional rows; _melody_inputs puts the guided pair in their place
+                encoder_hidden_states=cond.hidden[:b],
+                # per take, as generate() tracks it; not handed to the decoder (see _melody_inputs)
+                attention_mask=torch.ones((b, p + 1), dtype=torch.long, device=loaded.device),
                 max_new_tokens=new_frames + loaded.delay_codebooks - 1,
                 pad_token_id=gen_cfg.pad_token_id,
                 bos_token_id=gen_cfg.bos_token_id,

@@ -23,6 +23,9 @@ TINY_SAMPLE_RATE = 32_000  # Hz, same as musicgen-small
 TINY_MAX_POSITIONS = 2048  # decoder positions, as musicgen-small (sinusoidal: no weights)
 TINY_MAX_PROMPT_TOKENS = 512  # tokens, the model_max_length of the real T5 tokenizer
 TINY_CODEC_CODEBOOKS = 4  # EnCodec codebooks per channel, as the 32 kHz EnCodec of musicgen-small
+TINY_MELODY_TEXT_WIDTH = 24  # T5 width of the tiny melody model (its decoder is 32 wide)
+TINY_MELODY_PROJ_STD = 1.0  # std of the melody model's chroma → decoder projection weights (see build_tiny_model)
+TINY_MELODY_HEAD_GAIN = 30.0  # factor on the melody model's output heads, so its logits are not near-flat
 
 
 def _vocab() -> list[tuple[str, float]]:
@@ -38,7 +41,7 @@ def _vocab() -> list[tuple[str, float]]:
     return [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(seen)]
 
 
-def build_tiny_model(seed: int = 0, *, stereo: bool = False):
+def build_tiny_model(seed: int = 0, *, stereo: bool = False, melody: bool = False):
     """Build a tiny random ``MusicgenForConditionalGeneration`` and its processor.
 
     Args:
@@ -46,6 +49,10 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False):
         stereo: the layout of ``facebook/musicgen-stereo-small``: a decoder with
             ``audio_channels=2`` and 8 codebooks (left, right, left, ... interleaved)
             over the same mono 4-codebook EnCodec, which decodes each channel alone.
+        melody: the layout of ``facebook/musicgen-melody``: a
+            ``MusicgenMelodyForConditionalGeneration`` (its decoder reads the chroma and the
+            text prepended to the audio tokens, no cross-attention) with a
+            ``MusicgenMelodyProcessor``, whose feature extractor has the real chroma settings.
 
     Returns:
         ``(model, processor)``; the model is in eval mode, fp32, on the CPU.
@@ -57,16 +64,26 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False):
         MusicgenConfig,
         MusicgenDecoderConfig,
         MusicgenForConditionalGeneration,
+        MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig,
+        MusicgenMelodyFeatureExtractor,
+        MusicgenMelodyForConditionalGeneration,
+        MusicgenMelodyProcessor,
         MusicgenProcessor,
         T5Config,
         T5Tokenizer,
     )
 
+    if stereo and melody:
+        raise ValueError("the tiny melody model is mono, as facebook/musicgen-melody is")
+
     # model_max_length as the real t5-base tokenizer of musicgen-small, so over-long prompts are refused in tests too.
     tokenizer = T5Tokenizer(vocab=_vocab(), extra_ids=0, model_max_length=TINY_MAX_PROMPT_TOKENS)
     text_cfg = T5Config(
         vocab_size=len(tokenizer),
-        d_model=32,
+        # the melody model's T5 is narrower than its decoder, as in facebook/musicgen-melody (768 → 1536),
+        # so its text goes through enc_to_dec_proj
+        d_model=TINY_MELODY_TEXT_WIDTH if melody else 32,
         d_kv=8,
         d_ff=64,
         num_layers=2,
@@ -93,7 +110,8 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False):
         use_conv_shortcut=False,
         normalize=False,
     )
-    decoder_cfg = MusicgenDecoderConfig(
+    decoder_class = MusicgenMelodyDecoderConfig if melody else MusicgenDecoderConfig
+    decoder_cfg = decoder_class(
         vocab_size=TINY_CODEBOOK_SIZE,
         max_position_embeddings=TINY_MAX_POSITIONS,
         num_hidden_layers=2,
@@ -105,9 +123,14 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False):
         bos_token_id=TINY_CODEBOOK_SIZE,
         audio_channels=2 if stereo else 1,
     )
-    config = MusicgenConfig(text_encoder=text_cfg, audio_encoder=audio_cfg, decoder=decoder_cfg)
     torch.manual_seed(seed)
-    model = MusicgenForConditionalGeneration(config).eval()
+    if melody:
+        # num_chroma and chroma_length keep the real defaults (12 bins, 235 frames = 30 s at 32 kHz / 4096)
+        config = MusicgenMelodyConfig(text_encoder=text_cfg, audio_encoder=audio_cfg, decoder=decoder_cfg)
+        model = MusicgenMelodyForConditionalGeneration(config).eval()
+    else:
+        config = MusicgenConfig(text_encoder=text_cfg, audio_encoder=audio_cfg, decoder=decoder_cfg)
+        model = MusicgenForConditionalGeneration(config).eval()
     # EnCodec's codebooks are buffers that start at zero (they are learned by k-means
     # in training); left so, every code decodes to the same vector and the audio would
     # not depend on the tokens at all. Random codebooks make different tokens sound different.
@@ -116,6 +139,13 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False):
             layer.codebook.embed.normal_(0.0, 1.0)
             layer.codebook.embed_avg.copy_(layer.codebook.embed)
             layer.codebook.cluster_size.fill_(1.0)
+        if melody:
+            # At the init scale (std 0.02) the chroma moves the logits by ~1e-4 and the near-flat
+            # distributions sample the same tokens whatever the melody. A unit-scale chroma projection
+            # and sharper output heads let the melody reach the sampled tokens, as it does in the real model.
+            model.audio_enc_to_dec_proj.weight.normal_(0.0, TINY_MELODY_PROJ_STD)
+            for head in model.decoder.lm_heads:
+                head.weight.mul_(TINY_MELODY_HEAD_GAIN)
     gen = model.generation_config
     gen.decoder_start_token_id = TINY_CODEBOOK_SIZE
     gen.pad_token_id = TINY_CODEBOOK_SIZE
@@ -123,20 +153,24 @@ def build_tiny_model(seed: int = 0, *, stereo: bool = False):
     gen.do_sample = True
     gen.guidance_scale = 3.0
     gen.max_length = TINY_MAX_POSITIONS
+    if melody:
+        chroma = MusicgenMelodyFeatureExtractor(sampling_rate=TINY_SAMPLE_RATE)  # the real n_fft, hop and bins
+        return model, MusicgenMelodyProcessor(feature_extractor=chroma, tokenizer=tokenizer)
     feature_extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=TINY_SAMPLE_RATE)
     processor = MusicgenProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     return model, processor
 
 
-def save_tiny_model(directory: str | Path, seed: int = 0, *, stereo: bool = False) -> Path:
+def save_tiny_model(directory: str | Path, seed: int = 0, *, stereo: bool = False, melody: bool = False) -> Path:
     """Build the tiny model and save model + processor with ``save_pretrained``.
 
     The directory then loads like a downloaded ``facebook/musicgen-small``
-    (``stereo``: ``facebook/musicgen-stereo-small``) snapshot: ``tydust-gen TRACK --model DIR``.
+    (``stereo``: ``facebook/musicgen-stereo-small``; ``melody``: ``facebook/musicgen-melody``)
+    snapshot: ``tydust-gen TRACK --model DIR``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, processor = build_tiny_model(seed, stereo=stereo)
+    model, processor = build_tiny_model(seed, stereo=stereo, melody=melody)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from tydust_gen.base.errors import DeviceError, SettingsError, TydustError, UsageError
+from tydust_gen.base.errors import DeviceError, MelodyError, SettingsError, TydustError, UsageError
 from tydust_gen.base.prompts import available_tracks
 from tydust_gen.base.variations import variation_seed
 from tydust_gen.export import staging as export
@@ -89,6 +89,7 @@ def select(plans: list[TrackPlan], *, force: bool, skip_existing: bool, model: d
                     seed_given=not plan.seed_was_random,
                     out_dir=plan.out_dir,
                     model=model,
+                    melody=plan.melody.path if plan.melody is not None else None,
                 )
             if why is None:
                 skipped.append(Skipped(plan, records))
@@ -114,6 +115,43 @@ def skipped_results(s: Skipped) -> list[TrackResult]:
                         take=res.get("take", 1), takes=res.get("takes", 1))  # fmt: skip
         )
     return results
+
+
+def fit_model_family(plans: list[TrackPlan], family: str | None, *, model_ref: str, cli_settings: Mapping[str, Any]) -> list[TrackPlan]:
+    """The plans as a model of ``family`` runs them: melody models on the stock backend.
+
+    A melody model feeds its conditioning ahead of the audio tokens, which only
+    transformers' generate (``stock``) runs here; a track that did not ask for a backend
+    gets ``stock``, one that asked for ``fast``/``fast-int8`` is refused. ``family`` None
+    (the config could not be read before loading) changes nothing; the caller asks again
+    with the loaded model's family.
+
+    Raises:
+        MelodyError: a melody for a model without melody input.
+        SettingsError: a melody model with ``--backend fast``/``fast-int8``, or with ``--variations``.
+    """
+    from tydust_gen.model.melody import melody_unsupported_message
+
+    if family is None:
+        return plans
+    out = []
+    for plan in plans:
+        if plan.melody is not None and family != "melody":
+            raise MelodyError(melody_unsupported_message(model_ref))
+        if family == "melody" and plan.settings.backend != "stock":
+            if cli_settings.get("backend") is not None or "backend" in plan.spec.settings:
+                raise SettingsError(
+                    f"the {plan.settings.backend} backend does not run melody models ({model_ref}); "
+                    "use --backend stock (the default for melody models)"
+                )
+            if len(plan.takes) > 1:
+                raise SettingsError(
+                    f"{plan.spec.name}: --variations needs the fast backend, which does not run melody models "
+                    f"({model_ref}); render takes one at a time with different --seed values"
+                )
+            plan = replace(plan, settings=replace(plan.settings, backend="stock"))
+        out.append(plan)
+    return out
 
 
 def check_prompt_lengths(loaded, plans: list[TrackPlan]) -> None:
@@ -437,6 +475,8 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
     if device is not None and device.type != "cpu" and any(p.settings.backend == "fast-int8" for p in plans):
         raise DeviceError("--backend fast-int8 runs on the CPU only; use --backend fast on a GPU, or --device cpu")
     source = loading.resolve_source(request.model_ref)
+    family_of = {"model_ref": request.model_ref, "cli_settings": request.cli_settings}
+    plans = fit_model_family(plans, loading.peek_family(source), **family_of)
     identity = provenance.model_identity(source)
     plans_in_order = list(plans)
     plans, skipped = select(plans, force=request.force, skip_existing=request.skip_existing, model=identity)
@@ -463,6 +503,7 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
                 # run's ~2.4 GB download shows the hub's progress bars instead of looking hung.
                 loaded = loading.load_model(source, device, dtype=dtype, show_download_progress=listener.interactive)
                 load_s = time.perf_counter() - t_load
+                plans = fit_model_family(plans, loaded.family, **family_of)
                 check_prompt_lengths(loaded, plans)
                 if loaded.device.type == "cpu" and any(p.settings.backend == "fast" for p in plans):
                     prepare_cpu_kernel(listener)
@@ -521,6 +562,7 @@ def track_json(r: TrackResult, status: str | None = None) -> dict[str, Any]:
         "sections": r.sections,
         "model_family": r.model_family,
         "continuation": r.continuation,
+        "melody": r.melody,
         "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
         "decode_path": r.decode_path,
     }

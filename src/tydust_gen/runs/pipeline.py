@@ -23,7 +23,7 @@ from tydust_gen.audio import loop as loop_stage
 from tydust_gen.audio import master as master_stage
 from tydust_gen.audio import resample as audio
 from tydust_gen.base import faults
-from tydust_gen.base.errors import SettingsError, TydustError, UsageError
+from tydust_gen.base.errors import MelodyError, SettingsError, TydustError, UsageError
 from tydust_gen.base.prompts import TrackSpec, check_sections, load_track
 from tydust_gen.base.settings import (
     DEFAULT_CONTEXT_S,
@@ -53,6 +53,9 @@ PREVIEW_SUFFIX = ".png"
 RANDOM_SEED_BITS = 31  # seeds picked for the user fit in a signed 32-bit int, easy to retype
 _HF_CACHE_REPO_PREFIX = "models--"  # huggingface_hub cache folder of a model repo: models--ORG--NAME
 _TAG_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # ORG/NAME, nothing path-like
+# Rate a melody is decoded at when it is checked before the model loads: the chroma extractor's rate in every
+# melody checkpoint (at render time the loaded extractor's own rate is used).
+MELODY_CHECK_RATE = 32_000  # Hz
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,18 @@ class Continuation:
 
 
 @dataclass(frozen=True)
+class MelodySource:
+    """The audio whose tune a track follows (melody models, :mod:`tydust_gen.model.melody`).
+
+    Attributes:
+        path: the file (any format ffmpeg reads); ``--melody`` as given, or the prompt
+            file's ``melody`` relative to the prompt file's folder.
+    """
+
+    path: Path
+
+
+@dataclass(frozen=True)
 class TrackPlan:
     """A track whose inputs all checked out.
 
@@ -83,6 +98,7 @@ class TrackPlan:
         mastering: loudness, fades, loop, variations, preview.
         takes: output base names, one per variation (``[name]`` for one take).
         continuation: the audio this track continues, or None.
+        melody: the audio whose tune the track follows, or None.
     """
 
     spec: TrackSpec
@@ -93,6 +109,7 @@ class TrackPlan:
     mastering: MasteringSettings = field(default_factory=MasteringSettings)
     takes: tuple[str, ...] = ()
     continuation: Continuation | None = None
+    melody: MelodySource | None = None
 
 
 @dataclass
@@ -122,8 +139,10 @@ class TrackResult:
             generation windows that were conditioned on it (0-based); None otherwise.
         decode_path: which decode path ran and the self-check's measured error
             (:attr:`tydust_gen.model.selfcheck.CheckedBackend.report`), or None for an unchecked backend.
-        model_family: ``mono`` / ``stereo`` (:attr:`LoadedModel.family`): where left and right came from.
+        model_family: ``mono`` / ``stereo`` / ``melody`` (:attr:`LoadedModel.family`): which MusicGen made it.
         continuation: the continued audio: ``{"path", "track", "sha256", "context_s", "prompt_frames"}``, or None.
+        melody: the followed melody: ``{"path", "sha256", "duration_s", "windows"}`` (each window's stretch,
+            :meth:`tydust_gen.model.melody.MelodySlice.facts`), or None.
     """
 
     name: str
@@ -144,6 +163,7 @@ class TrackResult:
     decode_path: dict[str, Any] | None = None
     model_family: str | None = None
     continuation: dict[str, Any] | None = None
+    melody: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -188,6 +208,12 @@ def plan_track(
         )
     outputs = export.output_paths(dest, takes[0])
     continuation = plan_continuation(spec, cli_settings, dest)
+    melody = plan_melody(spec, cli_settings)
+    if melody is not None and len(takes) > 1:
+        raise SettingsError(
+            "--variations cannot be combined with a melody: melody models run on the stock backend, which draws all "
+            "takes from one random stream; render takes one at a time with different --seed values"
+        )
     if not overwrite:
         for take in takes:
             # the record too: TRACK.json alone (audio deleted by hand) is still an earlier take's history
@@ -197,7 +223,85 @@ def plan_track(
             existing = [p for p in candidates if p.exists()]
             if existing:
                 raise UsageError(f"{existing[0]} already exists; pass --force to replace it")
-    return TrackPlan(spec, settings, seed_was_random, dest, outputs, mastering, takes, continuation)
+    return TrackPlan(spec, settings, seed_was_random, dest, outputs, mastering, takes, continuation, melody)
+
+
+def plan_melody(spec: TrackSpec, cli_settings: Mapping[str, Any]) -> MelodySource | None:
+    """The melody ``spec`` follows: ``--melody FILE`` beats the prompt file's ``melody = "FILE"``.
+
+    A relative path in the prompt file is taken from the prompt file's folder (a prompts
+    folder moves with its themes); ``--melody`` from the working directory, as any
+    command-line path. The file is decoded and checked here, before the model loads
+    (:func:`read_melody`).
+
+    Raises:
+        MelodyError: the file is missing, unreadable, silent or too long.
+    """
+    given = cli_settings.get("melody")
+    if given is not None:
+        path, origin = Path(given).expanduser(), f"--melody {given}"
+    else:
+        raw = spec.settings.get("melody")
+        if raw is None:
+            return None
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = spec.path.parent / path
+        origin = f"{spec.path}: melody = {raw!r}"
+    if not path.is_file():
+        raise MelodyError(f"{origin}: no such file ({path}); pass the audio file whose tune the track should follow")
+    read_melody(path, MELODY_CHECK_RATE)
+    return MelodySource(path=path)
+
+
+def read_melody(path: Path, sample_rate: int) -> np.ndarray:
+    """Decode a melody file to mono float32 ``[N]`` at ``sample_rate`` with ffmpeg, and check it can steer a track.
+
+    Raises:
+        MelodyError: ffmpeg cannot read it, it holds no audio, is silent, or is longer than
+            :data:`~tydust_gen.model.melody.MAX_MELODY_S` (decoding stops just past that).
+    """
+    from tydust_gen.export.loudness import decode_audio
+    from tydust_gen.model.melody import MAX_MELODY_S, check_melody
+
+    if not path.is_file():
+        raise MelodyError(f"melody {path} does not exist; pass the audio file whose tune the track should follow")
+    try:
+        # one second past the limit is enough to tell "too long" without decoding hours
+        samples = decode_audio(path, sample_rate=sample_rate, channels=1, max_seconds=MAX_MELODY_S + 1)[0]
+    except TydustError as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise MelodyError(f"melody {path}: ffmpeg cannot read it as audio ({detail}); pass an audio file") from None
+    check_melody(samples, sample_rate, str(path))
+    return samples
+
+
+def melody_input(loaded: LoadedModel, melody: MelodySource) -> tuple[np.ndarray, dict[str, Any]]:
+    """The melody's samples at the chroma extractor's rate, and the facts the record keeps about the file.
+
+    Raises:
+        MelodyError: the model has no melody input, or the file cannot be used (:func:`read_melody`).
+    """
+    from tydust_gen.export.verify import sha256_file
+    from tydust_gen.model.melody import check_melody_model
+
+    check_melody_model(loaded, True)
+    rate = int(loaded.processor.feature_extractor.sampling_rate)
+    samples = read_melody(melody.path, rate)
+    facts = {
+        "path": str(melody.path.resolve()),
+        "sha256": sha256_file(melody.path),
+        "duration_s": round(samples.shape[-1] / rate, 4),
+    }
+    return samples, facts
+
+
+def melody_windows(loaded: LoadedModel, windows, melody_samples: int) -> list[dict[str, Any]]:
+    """Each generation window's stretch of the melody, as the record gives it."""
+    from tydust_gen.model.melody import window_slices
+
+    rate = int(loaded.processor.feature_extractor.sampling_rate)
+    return [s.facts(rate, melody_samples) for s in window_slices(windows, loaded.frame_rate, rate)]
 
 
 def continuation_output(out_dir: Path, track: str) -> Path:
@@ -294,7 +398,7 @@ def model_tag_id(source: ModelSource) -> str:
 def comment_for(plan: TrackPlan, model_id: str, take: int = 1, family: str | None = None) -> str:
     """The comment tag: prompt, seed and model id (:func:`model_tag_id`) (and take of a batch), so a file says how it was made.
 
-    ``family`` (``mono``/``stereo``) follows the model id when given.
+    ``family`` (``mono``/``stereo``/``melody``) follows the model id when given.
     """
     model = model_id if family is None else f"{model_id} ({family})"
     if len(plan.takes) > 1:
@@ -387,9 +491,13 @@ def render_takes(
         [variation_seed(plan.settings.seed, i) for i in range(len(plan.takes))] if len(plan.takes) > 1 else None
     )
     prompt_codes, continued = (None, None) if plan.continuation is None else continuation_prompt(loaded, plan.continuation)
+    melody, followed = (None, None) if plan.melody is None else melody_input(loaded, plan.melody)
     codes, windows, steps = generate.generate_codes(
-        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds, sections=sections, prompt_codes=prompt_codes
-    )
+        loaded, cond, gen_settings, backend=backend, progress=progress, take_seeds=take_seeds, sections=sections,
+        prompt_codes=prompt_codes, melody=melody,
+    )  # fmt: skip
+    if followed is not None:
+        followed["windows"] = melody_windows(loaded, windows, melody.shape[-1])
     t1 = time.perf_counter()
     announce("decoding")
     faults.hook("decode")
@@ -429,6 +537,7 @@ def render_takes(
             decode_path=getattr(backend, "report", None),
             model_family=loaded.family,
             continuation=continued,
+            melody=followed,
         )
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:

@@ -316,10 +316,12 @@ def build_record(plan, result, *, loaded, ffmpeg, model: dict[str, Any]) -> dict
         "mastering": to_jsonable(plan.mastering),
         "seed_was_random": plan.seed_was_random,
         "model": with_revision(model),
-        # mono / stereo: which MusicGen family made the take (stereo: left and right from the model)
+        # mono / stereo / melody: which MusicGen family made the take (stereo: left and right from the model)
         "model_family": loaded.family,
         # the audio whose tail prompted the first window: {"path", "track", "sha256", "context_s", "prompt_frames"}
         "continuation": result.continuation,
+        # the tune a melody model followed: {"path", "sha256", "duration_s", "windows": each window's stretch}
+        "melody": result.melody,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),  # the decoder's compute dtype (--dtype)
         "precision": precision(loaded),
@@ -387,11 +389,13 @@ def check_current(
     seed_given: bool,
     out_dir: Path,
     model: dict[str, Any] | None,
+    melody: Path | None = None,
 ) -> str | None:
     """Why the take in ``out_dir`` is not the one these inputs would make, or None when it is.
 
     Compares the prompt file hash, every setting (the seed only when one is
-    given: a random seed matches any), the model, and the files' sizes and sha256.
+    given: a random seed matches any), the model, the melody file (``melody``, by
+    sha256) and the files' sizes and sha256.
     """
     if record is None:
         return "no provenance record"
@@ -409,6 +413,9 @@ def check_current(
         return "mastering settings differ"
     if model is not None and not same_model(record.get("model", {}), model):
         return "made with another model"
+    recorded_melody = (record.get("melody") or {}).get("sha256")
+    if (melody is None) != (recorded_melody is None) or (melody is not None and sha256_file(melody) != recorded_melody):
+        return "the melody changed"
     for f in record.get("files", []):
         path = out_dir / f["path"]
         if not path.is_file():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tydust_gen.base.errors import UsageError
+from tydust_gen.base.errors import MelodyError, UsageError
 from tydust_gen.base.prompts import Section, TrackSpec
 from tydust_gen.base.variations import variation_names
 from tydust_gen.export import staging as export
@@ -25,7 +25,7 @@ from tydust_gen.export.ffmpeg import Ffmpeg, check_encoders, find_ffmpeg
 from tydust_gen.export.verify import ExportedFile, sha256_file
 from tydust_gen.runs import provenance
 from tydust_gen.runs.batch import RunListener, render_planned
-from tydust_gen.runs.pipeline import Continuation, TrackPlan, TrackResult
+from tydust_gen.runs.pipeline import Continuation, MelodySource, TrackPlan, TrackResult
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def plan_from_record(data: dict[str, Any], record_file: Path, out_dir: Path | No
         raise UsageError(f"{existing[0]} already exists; pass --out-dir DIR to regenerate elsewhere, or --force to replace it")
     outputs = export.output_paths(dest, takes[0])
     continuation = continuation_from_record(data, record_file)
-    return TrackPlan(spec, settings, bool(data.get("seed_was_random")), dest, outputs, mastering, takes, continuation)
+    melody = melody_from_record(data, record_file)
+    return TrackPlan(spec, settings, bool(data.get("seed_was_random")), dest, outputs, mastering, takes, continuation, melody)
 
 
 def continuation_from_record(data: dict[str, Any], record_file: Path) -> Continuation | None:
@@ -100,6 +101,26 @@ def continuation_from_record(data: dict[str, Any], record_file: Path) -> Continu
             "put the original audio back to regenerate this take"
         )
     return Continuation(path=found, context_s=float(facts["context_s"]), track=facts.get("track"))
+
+
+def melody_from_record(data: dict[str, Any], record_file: Path) -> MelodySource | None:
+    """The melody a record names, found where it was or beside the record (a moved folder), with its recorded sha256.
+
+    Raises:
+        MelodyError: the file is gone, or its sha256 is not the recorded one (the take would differ).
+    """
+    facts = data.get("melody")
+    if not facts:
+        return None
+    recorded = Path(facts["path"])
+    candidates = [recorded, record_file.parent / recorded.name]
+    found = next((p for p in candidates if p.is_file() and sha256_file(p) == facts["sha256"]), None)
+    if found is None:
+        raise MelodyError(
+            f"{record_file} follows the melody {recorded}, which is missing or has changed since (sha256 differs); "
+            "put the original melody back to regenerate this take"
+        )
+    return MelodySource(path=found)
 
 
 def decoded_sha256(ffmpeg: Ffmpeg, path: Path) -> str | None:
@@ -184,6 +205,10 @@ def regenerate_take(
     ffmpeg = find_ffmpeg()
     check_encoders(ffmpeg)
     source = loading.resolve_source(model_ref or data["model"]["ref"])
+    if plan.melody is not None and loading.peek_family(source) not in (None, "melody"):
+        from tydust_gen.model.melody import melody_unsupported_message
+
+        raise MelodyError(melody_unsupported_message(source.ref))
     identity = provenance.model_identity(source)
     if not provenance.same_model(data.get("model", {}), identity):
         listener.warn(f"{source.ref} is not the recorded model; the new take will differ")
