@@ -408,7 +408,7 @@ def describe_model(model, processor, *, source: ModelSource, device, dtype) -> L
         codebook_size=int(dec_cfg.vocab_size),
         max_positions=int(dec_cfg.max_position_embeddings),
         audio_channels=channels,
-        family=model_family(channels, melody=melody),
+        family=model_family(channels, melody=getattr(model.config, "model_type", None) == MELODY_MODEL_TYPE),
     )
 
 
