@@ -182,3 +182,39 @@ def test_a_continued_track_outside_the_batch_must_exist(workdir, run_cli, no_mod
     result = run_cli("later", *args, "-o", "out")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "render earlier first" in lines[0], result.stderr
+
+
+def test_a_continuation_is_current_only_while_what_it_continues_is_unchanged(workdir, run_cli):
+    """The continued audio is an input of the take, like the prompt file: --skip-existing and ``list`` see it."""
+    args = _prompts(
+        workdir,
+        a_boss_phase2='prompt = "intense synth"\ncontinue_from = "b_boss_phase1"\ncontext = 0.4\nduration = 0.6\nseed = 2\n',
+        b_boss_phase1='prompt = "dark synth bass"\nduration = 0.6\nseed = 2\n',
+    )
+
+    def statuses(result) -> dict[str, str]:
+        assert result.exit_code == 0, result.stderr
+        return {t["track"]: t["status"] for t in json.loads(result.stdout)["tracks"]}
+
+    def listed() -> dict[str, str]:
+        result = run_cli("list", *args, "-o", "out", "--json", model=False)
+        assert result.exit_code == 0, result.stderr
+        return {t["name"]: (t["status"], t.get("detail", "")) for t in json.loads(result.stdout)["tracks"]}
+
+    assert statuses(run_cli("--all", *args, "-o", "out", "--json")) == {"b_boss_phase1": "ok", "a_boss_phase2": "ok"}
+    assert listed() == {"a_boss_phase2": ("current", ""), "b_boss_phase1": ("current", "")}
+    assert statuses(run_cli("--all", *args, "-o", "out", "--skip-existing", "--json")) == {
+        "b_boss_phase1": "skipped", "a_boss_phase2": "skipped",
+    }  # fmt: skip
+    # the continued track made again by itself (another seed): its continuation no longer follows it
+    assert run_cli("b_boss_phase1", *args, "-o", "out", "--seed", "5", "--force").exit_code == 0
+    assert listed()["a_boss_phase2"] == ("stale", "the continued audio changed")
+    refused = run_cli("a_boss_phase2", *args, "-o", "out", "--skip-existing")
+    assert refused.exit_code == 2
+    assert "exists but is not current (the continued audio changed); pass --force" in refused.stderr
+    # in one batch: the continued track is rendered again (its seed differs from the record), so is its continuation
+    again = run_cli("--all", *args, "-o", "out", "--skip-existing", "--force", "--json")
+    assert statuses(again) == {"b_boss_phase1": "ok", "a_boss_phase2": "ok"}
+    record = json.loads((workdir / "out/a_boss_phase2.json").read_text())
+    assert record["continuation"]["sha256"] == sha256_file(workdir / "out/b_boss_phase1.ogg")
+    assert listed() == {"a_boss_phase2": ("current", ""), "b_boss_phase1": ("current", "")}

@@ -457,3 +457,19 @@ def test_the_tiny_melody_text_is_projected_as_the_real_ones(tiny_melody):
     assert tiny_melody.model.text_encoder.config.hidden_size != tiny_melody.model.decoder.config.hidden_size
     cond = encode_text(tiny_melody, PROMPTS, 3.0)
     assert cond.hidden.shape[-1] == tiny_melody.model.decoder.config.hidden_size
+
+
+def test_list_sees_the_melody_as_an_input_of_the_take(workdir, run_cli, tiny_melody_dir):
+    folder = _melody_prompts(workdir, 'prompt = "dark synth bass"\nmelody = "themes/boss.wav"\nduration = 0.4\nseed = 3\n')
+    theme = _wav(folder / "themes/boss.wav", _notes(C_MAJOR))
+    assert run_cli("boss", "--prompts-dir", str(folder), "-o", "out", "--model", str(tiny_melody_dir)).exit_code == 0
+
+    def listed() -> tuple[str, str]:
+        result = run_cli("list", "--prompts-dir", str(folder), "-o", "out", "--json", model=False)
+        assert result.exit_code == 0, result.stderr
+        row = {t["name"]: t for t in json.loads(result.stdout)["tracks"]}["boss"]
+        return row["status"], row.get("detail", "")
+
+    assert listed() == ("current", "")
+    _wav(theme, _notes(F_SHARP))
+    assert listed() == ("stale", "the melody changed")

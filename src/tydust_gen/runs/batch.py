@@ -73,11 +73,13 @@ def select(plans: list[TrackPlan], *, force: bool, skip_existing: bool, model: d
     """
     todo: list[TrackPlan] = []
     skipped: list[Skipped] = []
-    for plan in plans:
+    for plan in plans:  # in render order: a continued track of the batch comes before its continuation
         existing = existing_outputs(plan)
         if skip_existing and existing:
             records = [provenance.load_if_present(plan.out_dir, take) for take in plan.takes]
-            why = None
+            cont = plan.continuation
+            # the track it continues is rendered again in this run: its audio, and so this take, will change
+            why = "the track it continues is rendered again" if cont and cont.track in {p.spec.name for p in todo} else None
             for index, record in enumerate(records):
                 # A take of a batch records its own seed (see pipeline.render_takes).
                 seed = variation_seed(plan.settings.seed, index) if len(plan.takes) > 1 else plan.settings.seed
@@ -90,6 +92,7 @@ def select(plans: list[TrackPlan], *, force: bool, skip_existing: bool, model: d
                     out_dir=plan.out_dir,
                     model=model,
                     melody=plan.melody.path if plan.melody is not None else None,
+                    continuation=cont.path if cont is not None else None,
                 )
             if why is None:
                 skipped.append(Skipped(plan, records))

@@ -7,7 +7,7 @@ remove, so they do not stay unnoticed forever.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from tydust_gen.base.variations import variation_names
 from tydust_gen.export import staging as export
 from tydust_gen.runs import provenance
 from tydust_gen.runs.locks import Leftover, sweep_staging
-from tydust_gen.runs.pipeline import default_out_dir
+from tydust_gen.runs.pipeline import default_out_dir, plan_continuation, plan_melody
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,18 @@ def track_status(name: str, prompts_dir: Path, out_dir: Path | None, model: dict
         if any(p.exists() for p in outputs.values()):
             return TrackStatus(name, settings.duration_s, dest, "no record", "outputs without NAME.json (older or foreign files)")
         return TrackStatus(name, settings.duration_s, dest, "missing")
+    if record.get("model_family") == "melody" and "backend" not in spec.settings:
+        settings = replace(settings, backend="stock")  # what a run picks for a melody model (batch.fit_model_family)
+    try:
+        # the melody and the continued audio the prompt file names are inputs of the take too
+        melody = plan_melody(spec, {})
+        continuation = plan_continuation(spec, {}, dest)
+    except TydustError as exc:
+        return TrackStatus(name, settings.duration_s, dest, "invalid", str(exc))
     why = provenance.check_current(
         record, spec=spec, settings=settings, mastering=mastering, seed_given=settings.seed is not None, out_dir=dest,
-        model=model,
+        model=model, melody=melody.path if melody is not None else None,
+        continuation=continuation.path if continuation is not None else None,
     )
     if why is None:
         return TrackStatus(name, settings.duration_s, dest, "current")

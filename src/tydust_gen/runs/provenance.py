@@ -390,12 +390,13 @@ def check_current(
     out_dir: Path,
     model: dict[str, Any] | None,
     melody: Path | None = None,
+    continuation: Path | None = None,
 ) -> str | None:
     """Why the take in ``out_dir`` is not the one these inputs would make, or None when it is.
 
     Compares the prompt file hash, every setting (the seed only when one is
-    given: a random seed matches any), the model, the melody file (``melody``, by
-    sha256) and the files' sizes and sha256.
+    given: a random seed matches any), the model, the melody file (``melody``) and
+    the continued audio (``continuation``), both by sha256, and the files' sizes and sha256.
     """
     if record is None:
         return "no provenance record"
@@ -416,6 +417,14 @@ def check_current(
     recorded_melody = (record.get("melody") or {}).get("sha256")
     if (melody is None) != (recorded_melody is None) or (melody is not None and sha256_file(melody) != recorded_melody):
         return "the melody changed"
+    recorded_cont = (record.get("continuation") or {}).get("sha256")
+    if (continuation is None) != (recorded_cont is None):
+        return "the continued audio changed"
+    if continuation is not None:
+        if not continuation.is_file():
+            return f"the continued audio {continuation} is missing"
+        if sha256_file(continuation) != recorded_cont:
+            return "the continued audio changed"
     for f in record.get("files", []):
         path = out_dir / f["path"]
         if not path.is_file():
