@@ -35,6 +35,8 @@ from tydust_gen.model.windows import Window
 #: Seconds of melody each window of a multi-window track is conditioned on: audiocraft's
 #: ``max_duration`` for the melody models, 235 chroma frames at 32 kHz / 4096 (the model's chroma_length).
 MELODY_SPAN_S = 30.0  # s
+#: The backend melody models run on (their conditioning precedes the audio tokens; fast.py has no such path).
+MELODY_BACKEND = "stock"
 #: Longest melody file accepted; longer ones are refused (decoding stops just past it).
 MAX_MELODY_S = 600.0  # s, 10 minutes
 #: A melody whose peak stays below this has no pitch to follow: its chroma would be the argmax of noise.

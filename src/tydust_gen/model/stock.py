@@ -121,6 +121,38 @@ def _melody_inputs(decoder, states):
         del decoder.prepare_inputs_for_generation
 
 
+def _window_ids(loaded, batch: int, prefix):
+    """``(ids, P)``: the start token then the ``P`` prefix frames, one row per take and codebook."""
+    import torch
+
+    k = loaded.num_codebooks
+    start = loaded.model.generation_config.decoder_start_token_id
+    ids = torch.full((batch * k, 1), start, dtype=torch.long, device=loaded.device)
+    if prefix is None:
+        return ids, 0
+    p = int(prefix.shape[-1])
+    return torch.cat([ids, prefix.reshape(batch * k, p).to(loaded.device)], dim=-1), p
+
+
+def _decoder_generate_kwargs(loaded, new_frames: int, sampling, on_step, finite: _FiniteScores) -> dict:
+    """What both kinds of window pass to the decoder's ``generate`` besides their inputs: length, special
+    tokens, the per-step hook, the finite-logits check and the sampling settings."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    gen_cfg = loaded.model.generation_config
+    return dict(
+        max_new_tokens=new_frames + loaded.delay_codebooks - 1,
+        pad_token_id=gen_cfg.pad_token_id,
+        bos_token_id=gen_cfg.bos_token_id,
+        decoder_start_token_id=gen_cfg.decoder_start_token_id,
+        num_return_sequences=1,
+        use_cache=True,
+        stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
+        logits_processor=LogitsProcessorList([finite]),
+        **sampling_kwargs(loaded, sampling),
+    )
+
+
 class StockBackend:
     """transformers' own decoder ``generate`` (eager, dynamic KV cache)."""
 
@@ -128,20 +160,14 @@ class StockBackend:
 
     def generate_window(self, loaded, cond, prefix, new_frames, sampling, on_step):
         import torch
-        from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList, StoppingCriteriaList
+        from transformers import DynamicCache, EncoderDecoderCache
 
         if loaded.family == "melody":
             return self._melody_window(loaded, cond, prefix, new_frames, sampling, on_step)
         model = loaded.model
-        gen_cfg = model.generation_config
-        start = gen_cfg.decoder_start_token_id
-        k = loaded.num_codebooks
+        start = model.generation_config.decoder_start_token_id
         b = cond.batch_size
-        ids = torch.full((b * k, 1), start, dtype=torch.long, device=loaded.device)
-        p = 0
-        if prefix is not None:
-            p = int(prefix.shape[-1])
-            ids = torch.cat([ids, prefix.reshape(b * k, p).to(loaded.device)], dim=-1)
+        ids, p = _window_ids(loaded, b, prefix)
         # The decoder's self-attention mask is per take ([B, seq]), not per codebook row;
         # left to itself, generate() would infer one from ids (the start token equals
         # the pad token) with the wrong shape.
@@ -159,15 +185,7 @@ class StockBackend:
                 attention_mask=self_mask,
                 encoder_hidden_states=cond.hidden,
                 encoder_attention_mask=cond.mask,
-                max_new_tokens=new_frames + loaded.delay_codebooks - 1,
-                pad_token_id=gen_cfg.pad_token_id,
-                bos_token_id=gen_cfg.bos_token_id,
-                decoder_start_token_id=start,
-                num_return_sequences=1,
-                use_cache=True,
-                stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
-                logits_processor=LogitsProcessorList([finite]),
-                **sampling_kwargs(loaded, sampling),
+                **_decoder_generate_kwargs(loaded, new_frames, sampling, on_step, finite),
             )
         finite.check()
         return out[:, :, p:]
@@ -175,18 +193,10 @@ class StockBackend:
     def _melody_window(self, loaded, cond, prefix, new_frames, sampling, on_step):
         """One window of a melody model: ``cond`` holds the prepended chroma + text states ([B'] rows, guided pairs)."""
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         model = loaded.model
-        gen_cfg = model.generation_config
-        start = gen_cfg.decoder_start_token_id
-        k = loaded.num_codebooks
         b = cond.batch_size
-        ids = torch.full((b * k, 1), start, dtype=torch.long, device=loaded.device)
-        p = 0
-        if prefix is not None:
-            p = int(prefix.shape[-1])
-            ids = torch.cat([ids, prefix.reshape(b * k, p).to(loaded.device)], dim=-1)
+        ids, p = _window_ids(loaded, b, prefix)
         finite = _FiniteScores()
         # No cache is handed in: the prefill then runs the conditioning, the start token and the
         # whole prefix at once (this decoder's prepare_inputs slices by the cache's length).
@@ -197,15 +207,7 @@ class StockBackend:
                 encoder_hidden_states=cond.hidden[:b],
                 # per take, as generate() tracks it; not handed to the decoder (see _melody_inputs)
                 attention_mask=torch.ones((b, p + 1), dtype=torch.long, device=loaded.device),
-                max_new_tokens=new_frames + loaded.delay_codebooks - 1,
-                pad_token_id=gen_cfg.pad_token_id,
-                bos_token_id=gen_cfg.bos_token_id,
-                decoder_start_token_id=start,
-                num_return_sequences=1,
-                use_cache=True,
-                stopping_criteria=StoppingCriteriaList([_StepHook(on_step)]),
-                logits_processor=LogitsProcessorList([finite]),
-                **sampling_kwargs(loaded, sampling),
+                **_decoder_generate_kwargs(loaded, new_frames, sampling, on_step, finite),
             )
         finite.check()
         return out[:, :, p:]

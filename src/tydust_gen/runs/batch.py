@@ -133,7 +133,7 @@ def fit_model_family(plans: list[TrackPlan], family: str | None, *, model_ref: s
         MelodyError: a melody for a model without melody input.
         SettingsError: a melody model with ``--backend fast``/``fast-int8``, or with ``--variations``.
     """
-    from tydust_gen.model.melody import melody_unsupported_message
+    from tydust_gen.model.melody import MELODY_BACKEND, melody_unsupported_message
 
     if family is None:
         return plans
@@ -141,7 +141,7 @@ def fit_model_family(plans: list[TrackPlan], family: str | None, *, model_ref: s
     for plan in plans:
         if plan.melody is not None and family != "melody":
             raise MelodyError(melody_unsupported_message(model_ref))
-        if family == "melody" and plan.settings.backend != "stock":
+        if family == "melody" and plan.settings.backend != MELODY_BACKEND:
             if cli_settings.get("backend") is not None or "backend" in plan.spec.settings:
                 raise SettingsError(
                     f"the {plan.settings.backend} backend does not run melody models ({model_ref}); "
@@ -152,7 +152,7 @@ def fit_model_family(plans: list[TrackPlan], family: str | None, *, model_ref: s
                     f"{plan.spec.name}: --variations needs the fast backend, which does not run melody models "
                     f"({model_ref}); render takes one at a time with different --seed values"
                 )
-            plan = replace(plan, settings=replace(plan.settings, backend="stock"))
+            plan = replace(plan, settings=replace(plan.settings, backend=MELODY_BACKEND))
         out.append(plan)
     return out
 

@@ -16,6 +16,7 @@ from tydust_gen.base.prompts import available_tracks, load_track
 from tydust_gen.base.settings import resolve_mastering, resolve_settings
 from tydust_gen.base.variations import variation_names
 from tydust_gen.export import staging as export
+from tydust_gen.model.melody import MELODY_BACKEND
 from tydust_gen.runs import provenance
 from tydust_gen.runs.locks import Leftover, sweep_staging
 from tydust_gen.runs.pipeline import default_out_dir, plan_continuation, plan_melody
@@ -56,7 +57,7 @@ def track_status(name: str, prompts_dir: Path, out_dir: Path | None, model: dict
             return TrackStatus(name, settings.duration_s, dest, "no record", "outputs without NAME.json (older or foreign files)")
         return TrackStatus(name, settings.duration_s, dest, "missing")
     if record.get("model_family") == "melody" and "backend" not in spec.settings:
-        settings = replace(settings, backend="stock")  # what a run picks for a melody model (batch.fit_model_family)
+        settings = replace(settings, backend=MELODY_BACKEND)  # what a run picks for it (batch.fit_model_family)
     try:
         # the melody and the continued audio the prompt file names are inputs of the take too
         melody = plan_melody(spec, {})

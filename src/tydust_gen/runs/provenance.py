@@ -380,6 +380,19 @@ def mastering_from_record(data: dict[str, Any]) -> MasteringSettings:
     return MasteringSettings(**data.get("mastering", {}))
 
 
+def _input_file_changed(what: str, path: Path | None, recorded_sha256: str | None) -> str | None:
+    """Why an input file of a take (a melody, continued audio) is not the recorded one, or None when it is."""
+    if (path is None) != (recorded_sha256 is None):
+        return f"the {what} changed"
+    if path is None:
+        return None
+    if not path.is_file():
+        return f"the {what} {path} is missing"
+    if sha256_file(path) != recorded_sha256:
+        return f"the {what} changed"
+    return None
+
+
 def check_current(
     record: dict[str, Any] | None,
     *,
@@ -414,17 +427,10 @@ def check_current(
         return "mastering settings differ"
     if model is not None and not same_model(record.get("model", {}), model):
         return "made with another model"
-    recorded_melody = (record.get("melody") or {}).get("sha256")
-    if (melody is None) != (recorded_melody is None) or (melody is not None and sha256_file(melody) != recorded_melody):
-        return "the melody changed"
-    recorded_cont = (record.get("continuation") or {}).get("sha256")
-    if (continuation is None) != (recorded_cont is None):
-        return "the continued audio changed"
-    if continuation is not None:
-        if not continuation.is_file():
-            return f"the continued audio {continuation} is missing"
-        if sha256_file(continuation) != recorded_cont:
-            return "the continued audio changed"
+    for what, path, key in (("melody", melody, "melody"), ("continued audio", continuation, "continuation")):
+        why = _input_file_changed(what, path, (record.get(key) or {}).get("sha256"))
+        if why:
+            return why
     for f in record.get("files", []):
         path = out_dir / f["path"]
         if not path.is_file():

@@ -83,6 +83,14 @@ def plan_from_record(data: dict[str, Any], record_file: Path, out_dir: Path | No
     return TrackPlan(spec, settings, bool(data.get("seed_was_random")), dest, outputs, mastering, takes, continuation, melody)
 
 
+def _find_recorded_input(facts: dict[str, Any], record_file: Path) -> tuple[Path, Path | None]:
+    """``(recorded path, the file with the recorded sha256 or None)`` for an input file a record names
+    (``facts``: ``{"path", "sha256"}``): looked for where it was, then beside the record (a moved folder)."""
+    recorded = Path(facts["path"])
+    candidates = [recorded, record_file.parent / recorded.name]
+    return recorded, next((p for p in candidates if p.is_file() and sha256_file(p) == facts["sha256"]), None)
+
+
 def continuation_from_record(data: dict[str, Any], record_file: Path) -> Continuation | None:
     """The continued audio a record names, found where it was or beside the record (a moved folder).
 
@@ -92,9 +100,7 @@ def continuation_from_record(data: dict[str, Any], record_file: Path) -> Continu
     facts = data.get("continuation")
     if not facts:
         return None
-    recorded = Path(facts["path"])
-    candidates = [recorded, record_file.parent / recorded.name]
-    found = next((p for p in candidates if p.is_file() and sha256_file(p) == facts["sha256"]), None)
+    recorded, found = _find_recorded_input(facts, record_file)
     if found is None:
         raise UsageError(
             f"{record_file} continues {recorded}, which is missing or has changed since (sha256 differs); "
@@ -112,9 +118,7 @@ def melody_from_record(data: dict[str, Any], record_file: Path) -> MelodySource 
     facts = data.get("melody")
     if not facts:
         return None
-    recorded = Path(facts["path"])
-    candidates = [recorded, record_file.parent / recorded.name]
-    found = next((p for p in candidates if p.is_file() and sha256_file(p) == facts["sha256"]), None)
+    recorded, found = _find_recorded_input(facts, record_file)
     if found is None:
         raise MelodyError(
             f"{record_file} follows the melody {recorded}, which is missing or has changed since (sha256 differs); "
