@@ -117,6 +117,17 @@ def tiny_loaded(tiny_model_dir):
 
 
 @pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the model is loaded: refusals and errors must come before that."""
+    from tydust_gen.model import loading
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was detected")
+
+    monkeypatch.setattr(loading, "load_model", boom)
+
+
+@pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A project folder with the shipped prompts, used as the working directory."""
     shutil.copytree(REPO / "prompts", tmp_path / "prompts")

@@ -36,16 +36,6 @@ def check_ogg(path: Path, seconds: float) -> None:
     assert abs(ogg.info.length - seconds) < 0.05
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the model is loaded: errors must be caught before that."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was detected")
-
-    monkeypatch.setattr(engine, "load_model", boom)
-
-
 @pytest.mark.slow
 def test_90_second_track_end_to_end(workdir, run_cli, private_tmp):
     """The README's main job on the tiny model: 90 s from the prompt file, 5 windows, two verified files, nothing else."""

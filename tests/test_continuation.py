@@ -25,17 +25,6 @@ from tydust_gen.runs.pipeline import Continuation, continuation_prompt
 HOP = 640  # samples per frame at 32 kHz / 50 Hz
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the model is loaded: errors must be caught before that."""
-    from tydust_gen.model import loading
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was detected")
-
-    monkeypatch.setattr(loading, "load_model", boom)
-
-
 def _wav(path, channels: int, seconds: float = 3.0, rate: int = 32_000):
     rng = np.random.default_rng(channels)
     t = np.arange(int(seconds * rate)) / rate

@@ -69,16 +69,6 @@ def _wav(path, samples: np.ndarray, sr: int = SR):
     return path
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the model is loaded: errors must be caught before that."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was detected")
-
-    monkeypatch.setattr(loading, "load_model", boom)
-
-
 # ----------------------------------------------------------------------------- checkpoint
 
 

@@ -16,14 +16,6 @@ from tydust_gen.model import loading as engine
 TAKE = ["game_over.json", "game_over.mp3", "game_over.ogg"]
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(engine, "load_model", boom)
-
-
 def error_line(result) -> str:
     lines = [x for x in result.stderr.strip().splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -28,7 +28,6 @@ from tydust_gen.export import staging as export
 from tydust_gen.export.ffmpeg import check_encoders, find_ffmpeg
 from tydust_gen.export.tags import TrackTags
 from tydust_gen.export.verify import decoded_duration, mp3_gapless_duration
-from tydust_gen.model import loading as engine
 from tydust_gen.model.loading import ModelSource
 from tydust_gen.runs.pipeline import comment_for, model_tag_id, plan_track
 
@@ -92,16 +91,6 @@ def ffmpeg():
     ff = find_ffmpeg()
     check_encoders(ff)
     return ff
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the model is loaded: refusals must come first."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was detected")
-
-    monkeypatch.setattr(engine, "load_model", boom)
 
 
 # --- item: text that looks like an MP3 header must not change verification ---
