@@ -41,8 +41,9 @@ Never fade a loop.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,7 @@ TRUE_PEAK_OVERSAMPLE = 4  # x; BS.1770-4 Annex 2 minimum for 44.1/48 kHz materia
 _PEAK_SCAN_BLOCK = 1 << 16  # samples per block of the true-peak scan (1.5 s at 44.1 kHz)
 
 
-_PEAK_SCAN_THREADS = min(8, os.cpu_count() or 1)  # blocks scanned at once
+_PEAK_FILTER_SPAN = 10  # input samples each side of the true-peak interpolation filter (as resample_poly)
 
 
 LIMITER_LOOKAHEAD_S = 0.005  # s; long enough for a smooth attack, short enough not to pump
@@ -87,6 +88,12 @@ LIMITER_MAX_PASSES = 4  # limiter passes while refining the gain into the limite
 
 
 MIN_LOUDNESS_BLOCK_S = 0.4  # s; BS.1770 gating block; shorter audio is padded with silence
+
+
+_BS1770_CHANNEL_WEIGHTS = (1.0, 1.0, 1.0, 1.41, 1.41)  # L, R, C, Ls, Rs (pyloudnorm's G)
+
+
+_BS1770_ABSOLUTE_GATE_LUFS = -70.0
 
 
 SILENCE_DB = -math.inf
@@ -209,7 +216,15 @@ def remove_dc(
 
 
 def measure_loudness(samples: Any, sample_rate: int) -> float:
-    """Integrated loudness per ITU-R BS.1770-4 (pyloudnorm), in LUFS.
+    """Integrated loudness per ITU-R BS.1770-4, in LUFS: pyloudnorm's meter, vectorised.
+
+    pyloudnorm is the definition (its K-weighting filters, its 400 ms blocks with
+    75 % overlap and block boundaries, its absolute and relative gates and
+    channel weights); this runs the same steps as whole-array operations (the
+    filters as one second-order-section pass over all channels, each block's
+    energy from a cumulative sum) instead of its Python loop over blocks, which
+    takes most of its time: about 3x faster on a 90 s track. Tests hold it to
+    ``pyloudnorm.Meter.integrated_loudness`` within 1e-6 LU.
 
     Args:
         samples: ``[C, N]`` audio; up to 5 channels (BS.1770 weights).
@@ -220,15 +235,62 @@ def measure_loudness(samples: Any, sample_rate: int) -> float:
         shorter than one 400 ms gating block is measured as if padded with silence.
     """
     import pyloudnorm
+    from scipy.signal import sosfilt
 
-    audio = as_audio(samples)
+    audio = np.asarray(samples.detach().cpu().numpy() if hasattr(samples, "detach") else samples)
+    if audio.ndim == 1:
+        audio = audio[np.newaxis, :]
+    channels = audio.shape[0]
+    if audio.ndim != 2 or channels < 1:
+        raise ValueError(f"audio must be shaped [channels, samples], got shape {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    if channels > len(_BS1770_CHANNEL_WEIGHTS):
+        raise ValueError(f"loudness is defined for at most {len(_BS1770_CHANNEL_WEIGHTS)} channels, got {channels}")
     min_len = int(math.ceil(MIN_LOUDNESS_BLOCK_S * sample_rate)) + 1
     if audio.shape[1] < min_len:
         audio = np.pad(audio, ((0, 0), (0, min_len - audio.shape[1])))
     meter = pyloudnorm.Meter(sample_rate)
-    with np.errstate(divide="ignore"):
-        lufs = float(meter.integrated_loudness(audio.T.astype(np.float64)))
+    sos = np.array([[*(f.passband_gain * f.b), *f.a] for f in meter._filters.values()])
+    weighted = sosfilt(sos, audio.astype(np.float64), axis=1)
+    energy = np.zeros((channels, weighted.shape[1] + 1))
+    np.cumsum(np.square(weighted, out=weighted), axis=1, out=energy[:, 1:])
+
+    block, step = meter.block_size, 1.0 - meter.overlap
+    count = int(np.round((audio.shape[1] / sample_rate - block) / (block * step))) + 1
+    j = np.arange(count)
+    lower = (block * (j * step) * sample_rate).astype(np.int64)  # pyloudnorm's bounds, in the same float steps
+    upper = np.minimum((block * (j * step + 1) * sample_rate).astype(np.int64), audio.shape[1])
+    z = (energy[:, upper] - energy[:, lower]) / (block * sample_rate)  # [C, blocks] mean squares
+    weights = np.array(_BS1770_CHANNEL_WEIGHTS[:channels])[:, np.newaxis]
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no block: silence, -inf below
+        block_lufs = -0.691 + 10.0 * np.log10(np.sum(weights * z, axis=0))
+        above_absolute = block_lufs >= _BS1770_ABSOLUTE_GATE_LUFS
+        relative_gate = -0.691 + 10.0 * np.log10(np.sum(weights * z[:, above_absolute].mean(axis=1, keepdims=True))) - 10.0
+        gated = (block_lufs > relative_gate) & (block_lufs > _BS1770_ABSOLUTE_GATE_LUFS)
+        lufs = float(-0.691 + 10.0 * np.log10(np.sum(weights * np.nan_to_num(z[:, gated].mean(axis=1, keepdims=True)))))
     return lufs if math.isfinite(lufs) else SILENCE_DB
+
+
+@functools.lru_cache(maxsize=4)
+def _interpolation_bank(oversample: int) -> np.ndarray:
+    """The polyphase bank of the true-peak interpolator: float32 ``[oversample, 2 * taps + 1]``.
+
+    The filter is the one ``scipy.signal.resample_poly(x, oversample, 1)`` designs
+    (a Kaiser-windowed sinc, beta 5, :data:`_PEAK_FILTER_SPAN` input samples each
+    side); row ``p`` gives the reconstructed signal ``p / oversample`` of a sample
+    after each input sample, as a correlation over ``x[n - taps .. n + taps]``.
+    """
+    from scipy.signal import firwin
+
+    half = _PEAK_FILTER_SPAN * oversample
+    h = firwin(2 * half + 1, 1.0 / oversample, window=("kaiser", 5.0)) * oversample
+    bank = np.zeros((oversample, 2 * _PEAK_FILTER_SPAN + 1))
+    for phase in range(oversample):
+        taps = h[phase::oversample]  # tap i weighs x[n + span - i]
+        bank[phase, 2 * _PEAK_FILTER_SPAN - np.arange(taps.size)] = taps
+    return bank.astype(np.float32)
 
 
 def peak_envelope(
@@ -244,6 +306,11 @@ def peak_envelope(
     reconstructed (upsampled ``oversample`` x) between sample ``n`` and ``n + 1``,
     including sample ``n`` itself.
 
+    The reconstruction is scipy's ``resample_poly`` filter (:func:`_interpolation_bank`)
+    run as one float32 correlation per block through torch, which uses every core:
+    about 3x faster than scipy's own polyphase loop on a 90 s track, and within a
+    few float32 roundings of it (tests compare the two).
+
     Args:
         samples: ``[C, N]`` audio.
         sample_rate: unused (the envelope is rate-independent); kept for symmetry.
@@ -253,9 +320,7 @@ def peak_envelope(
     Returns:
         float32 ``[N]``, linear magnitude.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from scipy.signal import resample_poly
+    import torch
 
     del sample_rate
     audio = as_audio(samples)
@@ -265,30 +330,17 @@ def peak_envelope(
     env = np.max(np.abs(audio), axis=0)
     if oversample <= 1:
         return env
-    # the polyphase filter spans 10 input samples per side; pad past it
-    pad = 16
-    mode = "wrap" if circular else "constant"
-    padded = np.pad(audio, ((0, 0), (pad, pad)), mode=mode)
-
-    def scan(start: int) -> None:
-        # Block by block, each with its own padding of real neighbours: the same products as one
-        # call on the whole track (bit for bit), in a few MB instead of 8 bytes x oversample x N
-        # per channel (1.7 GB for 600 s of stereo), and in threads: scipy's filter releases the GIL.
-        stop = min(n, start + _PEAK_SCAN_BLOCK)
-        out = env[start:stop]
-        for channel in padded[:, start : stop + 2 * pad]:
-            up = resample_poly(channel, oversample, 1)[pad * oversample : (pad + stop - start) * oversample]
-            up = np.abs(up).astype(np.float32, copy=False)
-            # strided maxima: numpy reduces a tiny trailing axis (reshape(n, 4).max(1)) ~10x slower
-            for phase in range(oversample):
-                np.maximum(out, up[phase::oversample], out=out)
-
-    starts = range(0, n, _PEAK_SCAN_BLOCK)
-    if len(starts) == 1:
-        scan(0)
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(starts), _PEAK_SCAN_THREADS)) as pool:
-            list(pool.map(scan, starts))
+    span = _PEAK_FILTER_SPAN
+    padded = torch.from_numpy(np.pad(audio, ((0, 0), (span, span)), mode="wrap" if circular else "constant"))
+    bank = torch.from_numpy(_interpolation_bank(oversample)).unsqueeze(1)
+    out = torch.from_numpy(env)
+    with torch.inference_mode():
+        # Block by block, each with its own real neighbours: a few MB of oversampled signal at a time
+        # instead of 4 bytes x oversample x N per channel (0.8 GB for 600 s of stereo).
+        for start in range(0, n, _PEAK_SCAN_BLOCK):
+            stop = min(n, start + _PEAK_SCAN_BLOCK)
+            up = torch.nn.functional.conv1d(padded[:, start : stop + 2 * span].unsqueeze(1), bank)  # [C, phases, block]
+            torch.maximum(out[start:stop], up.abs().amax(dim=(0, 1)), out=out[start:stop])
     return env
 
 
