@@ -84,6 +84,9 @@ DEFAULT_MAX_LIMITING_DB = 4.0  # dB; more peak reduction than this stops being t
 LOUDNESS_TOLERANCE_LU = 0.1  # LU; stop refining the limiter gain once this close to target
 
 
+_LIMITER_RELEASE_SPAN = 12  # release time constants a reduction is followed for (then e^-12 of itself)
+
+
 LIMITER_MAX_PASSES = 4  # limiter passes while refining the gain into the limiter
 
 
@@ -390,15 +393,23 @@ def limiter_gain(
 ) -> np.ndarray:
     """Gain curve that keeps ``envelope * gain`` at or below ``ceiling``.
 
-    The required gain ``min(1, ceiling / envelope)`` (also covering the
-    intersample peak just before each sample) is held at its minimum over the
-    look-ahead window, allowed to recover exponentially in dB with time
-    constant ``release_s``, and finally smoothed by two cascaded moving
-    averages that together span the look-ahead window (a triangular kernel,
-    so the gain falls along a smooth S-shaped ramp). Averaging a curve that is already at or below
-    the requirement over the whole window before each peak can only stay at
-    or below it, so the peak is honoured while the gain glides down over the
-    look-ahead instead of stepping (no clicks, no distortion from the attack).
+    The required reduction (in dB, for every sample over the ceiling and the
+    sample after it, which scales the intersample peak between the two) is held
+    at its maximum over the look-ahead window, allowed to recover exponentially
+    in dB with time constant ``release_s``, and the resulting gain is smoothed
+    by two cascaded moving averages that together span the look-ahead window (a
+    triangular kernel, so the gain falls along a smooth S-shaped ramp).
+    Averaging a curve that is already at or below the requirement over the
+    whole window before each peak can only stay at or below it, so the peak is
+    honoured while the gain glides down over the look-ahead instead of stepping
+    (no clicks, no distortion from the attack).
+
+    Only the stretches a peak reaches are computed: from one look-ahead (and the
+    smoothing) before it to :data:`_LIMITER_RELEASE_SPAN` release time constants
+    after it, where its reduction has decayed to e^-12 of itself (under 3e-5 dB
+    for a 4 dB peak); the gain is exactly 1 elsewhere. The hold is built from the
+    peaks themselves, logarithms are taken only where a peak is held, and the
+    release is one cumulative maximum and two exponentials per stretch.
 
     Args:
         envelope: ``[N]`` linear true-peak envelope (see :func:`peak_envelope`).
@@ -411,44 +422,73 @@ def limiter_gain(
     Returns:
         float32 ``[N]`` gain in (0, 1].
     """
-    from scipy.ndimage import minimum_filter1d
-
-    env = np.asarray(envelope, dtype=np.float64)
+    env = np.asarray(envelope)
     n = env.size
-    need = np.minimum(1.0, ceiling / np.maximum(env, 1e-12))
-    # a sample's gain also scales the reconstructed peak between it and its predecessor
-    prev = np.roll(need, 1)
-    if not circular:
-        prev[0] = 1.0
-    need = np.minimum(need, prev)
-
+    gain = np.ones(n, dtype=np.float32)
+    over = np.flatnonzero(env > ceiling)
+    if over.size == 0:
+        return gain
     look = max(1, int(round(lookahead_s * sample_rate))) | 1  # odd, so the hold window aligns exactly
     release = max(1.0, release_s * sample_rate)
-    # the gain must settle across both ends: one look-ahead plus ~12 release time constants
-    pad = look + int(12 * release)
+    half = (look + 1) // 2  # each of the two moving averages
+    before, after = look - 1 + 2 * half, int(_LIMITER_RELEASE_SPAN * release) + 2 * half
+
+    # reduction needed (dB) at each sample over the ceiling and at the one after it
+    need_db = 20.0 * np.log10(env[over].astype(np.float64) / ceiling)
+    pos, red = np.concatenate((over, over + 1)), np.concatenate((need_db, need_db))
     if circular:
-        padded = np.pad(need, (pad, pad), mode="wrap")
+        # the loop's neighbours: the copies before and after that reach into [0, n)
+        pos = np.concatenate((pos, pos - n, pos + n))
+        red = np.tile(red, 3)
+        keep = (pos >= -after) & (pos < n + before)
     else:
-        padded = np.pad(need, (pad, pad), mode="constant", constant_values=1.0)
+        keep = pos < n
+    pos, red = pos[keep], red[keep]
+    order = np.argsort(pos, kind="stable")
+    pos, red = pos[order], red[order]
+    firsts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    pos, red = pos[firsts], np.maximum.reduceat(red, firsts)
 
-    # hold: minimum over [k, k + look - 1] (the window ahead of k)
-    held = minimum_filter1d(padded, look, origin=-(look // 2), mode="nearest")
+    # stretches: [peak - before, peak + after) merged where they overlap
+    breaks = np.flatnonzero(pos[1:] - pos[:-1] > before + after) + 1
+    for chunk in np.split(np.arange(pos.size), breaks):
+        p, r = pos[chunk], red[chunk]
+        start, stop = p[0] - before, p[-1] + after
+        curve = _stretch_gain(p - start, r, stop - start, look, release, half)
+        lo, hi = max(start, 0), min(stop, n)
+        if lo < hi:
+            np.minimum(gain[lo:hi], curve[lo - start : hi - start], out=gain[lo:hi])
+    return gain
 
-    # release: reduction (dB) decays exponentially after each peak. With
-    # r[k] = max_j<=k d[j] * a^(k-j), log r[k] = k log a + cummax(log d[j] - j log a).
-    reduction_db = -20.0 * np.log10(held)
+
+def _stretch_gain(peaks: np.ndarray, reduction_db: np.ndarray, length: int, look: int, release: float, half: int) -> np.ndarray:
+    """The limiter's gain over one stretch of ``length`` samples whose peaks (sorted, distinct, at least one
+    look-ahead plus the smoothing from its start) need ``reduction_db``; float32, 1 where nothing is reduced."""
+    # hold: the largest reduction over [k, k + look - 1], built peak by peak for sparse peaks
+    held = np.zeros(length)
+    if peaks.size * look <= length:
+        for offset in range(look):
+            at = peaks - offset
+            held[at] = np.maximum(held[at], reduction_db)
+    else:
+        from scipy.ndimage import maximum_filter1d
+
+        held[peaks] = reduction_db
+        held = maximum_filter1d(held, look, origin=-(look // 2), mode="constant", cval=0.0)
+    # release: r[k] = max_j<=k held[j] * a^(k-j), so log r[k] = k log a + cummax_j(log held[j] - j log a)
     log_a = -1.0 / release
-    idx = np.arange(padded.size, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        log_d = np.log(np.maximum(reduction_db, 0.0))
-    released = np.exp(idx * log_a + np.maximum.accumulate(log_d - idx * log_a))
-    gain = 10.0 ** (-released / 20.0)
-
-    # attack: two causal moving averages of (look+1)/2 samples span exactly the
-    # look-ahead window ending at each sample, giving a triangular gain ramp
-    half = (look + 1) // 2
-    smooth = _moving_average(_moving_average(gain, half), half)
-    return np.minimum(smooth[pad : pad + n], 1.0).astype(np.float32)
+    idx = np.arange(length, dtype=np.float64)
+    marks = np.full(length, -np.inf)
+    holding = np.flatnonzero(held)
+    marks[holding] = np.log(held[holding]) - holding * log_a
+    np.maximum.accumulate(marks, out=marks)
+    marks += idx * log_a
+    released = np.exp(marks, out=marks)
+    curve = np.exp(released * (-math.log(10.0) / 20.0), out=released)  # dB -> linear
+    # attack: two causal moving averages of (look+1)/2 samples span exactly the look-ahead window ending at
+    # each sample, giving a triangular gain ramp
+    smooth = _moving_average(_moving_average(curve, half), half)
+    return np.minimum(smooth, 1.0).astype(np.float32)
 
 
 def limit_true_peak(
