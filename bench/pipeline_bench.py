@@ -83,36 +83,39 @@ def plain_ffmpeg(ffmpeg: str, wav: Path, out: Path) -> dict:
 
 
 def synthetic_post(seconds: float, tmp: Path, i: int) -> tuple[dict, Path]:
-    """This code's stages after the model, in-process, on synthetic 32 kHz mono music (no model, no generation):
-    44.1 kHz stereo, DC removal, mastering checked on the decoded files, MP3 + OGG at once, tags, verify,
-    publish. Returns the time and the published OGG (the same audio plain ffmpeg then encodes)."""
+    """This code's stages after the model, in-process, on synthetic 32 kHz mono music (no model, no generation),
+    through the pipeline's own functions: ``prepare_take_audio`` (44.1 kHz stereo, DC removal), ``master_take``
+    (mastering checked on the decoded files, MP3 + OGG at once, each measured as it is written, tags), then
+    verify and publish. Returns the time and the published OGG (the same audio plain ffmpeg then encodes)."""
+    import functools
+
     import numpy as np
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
     from synth import music
 
-    from tydust_gen.audio import master as master_stage
-    from tydust_gen.audio import resample as audio
+    from tydust_gen.base.settings import MasteringSettings
     from tydust_gen.base.waveform import Waveform
     from tydust_gen.export import staging as export
     from tydust_gen.export.ffmpeg import find_ffmpeg
-    from tydust_gen.export.loudness import master_for_encoding
+    from tydust_gen.export.loudness import measure_file
     from tydust_gen.export.tags import TrackTags
+    from tydust_gen.runs.pipeline import master_take, prepare_take_audio
 
     wave = Waveform(torch.from_numpy(music(seconds + 0.5, sr=32_000, seed=i, dc=0.3, level=0.3)[:1].copy()), 32_000)
-    ffmpeg, out = find_ffmpeg(), tmp / f"synthetic-{i}"
+    ffmpeg, out, mastering = find_ffmpeg(), tmp / f"synthetic-{i}", MasteringSettings()
     t = time.perf_counter()
-    stereo = audio.to_44k1_stereo(wave, seconds)
-    x = master_stage.remove_dc(stereo.samples.numpy(), stereo.sample_rate)
+    take = prepare_take_audio(wave, generated_s=seconds, duration_s=seconds, mastering=mastering)
     t_audio = time.perf_counter() - t
     with export.Staging(out, "bench", ffmpeg=ffmpeg) as staging:
         tags = TrackTags(title="bench", genre=None, comment="bench")
 
         def encode(result):
-            return staging.encode(Waveform(torch.from_numpy(np.ascontiguousarray(result.samples)), 44_100), tags)
+            wave = Waveform(torch.from_numpy(np.ascontiguousarray(result.samples)), 44_100)
+            return staging.encode(wave, tags, then=functools.partial(measure_file, circular=False))
 
-        master_for_encoding(x, stereo.sample_rate, encode)
+        master_take(take, mastering, encode)
         staging.publish(seconds)
     post = time.perf_counter() - t
     return {"audio": t_audio, "master_export": post - t_audio, "post": post}, out / "bench.ogg"

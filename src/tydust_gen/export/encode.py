@@ -16,7 +16,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from tydust_gen.audio.resample import TARGET_CHANNELS, TARGET_SAMPLE_RATE, to_pcm16
 from tydust_gen.base import faults
@@ -47,21 +47,22 @@ def encode_formats(
     ffmpeg: Ffmpeg,
     jobs: Sequence[tuple[str, Path]],
     *,
-    then: Callable[[str, Path], None] | None = None,
+    then: Callable[[str, Path], Any] | None = None,
     each_done: Callable[[str], None] | None = None,
-) -> list[Path]:
+) -> list[Any]:
     """Encode ``segment`` to every ``(fmt, dest)`` of ``jobs`` at once, one thread (and ffmpeg) per format.
 
     Args:
         segment: the pydub ``AudioSegment`` (:func:`pcm_segment`).
         ffmpeg: the ffmpeg to run.
         jobs: ``[(fmt, dest), ...]``; ``dest`` must be inside a staging folder.
-        then: called in the encoding thread right after ``dest`` is written (e.g. tagging).
+        then: called in the encoding thread right after ``dest`` is written (e.g. tagging, then
+            measuring); what it returns is that job's result.
         each_done: called in the calling thread as each job finishes, in ``jobs`` order
             (test hooks must pause where signals are delivered: the main thread).
 
     Returns:
-        The ``dest`` of each job, in order.
+        Each job's result, in order: ``then(fmt, dest)``, or ``dest`` without ``then``.
 
     Raises:
         ExportError: a format failed; the first failing job in ``jobs`` order is reported. The
@@ -70,13 +71,11 @@ def encode_formats(
     """
     stop = threading.Event()
 
-    def work(fmt: str, dest: Path) -> Path:
+    def work(fmt: str, dest: Path) -> Any:
         if stop.is_set():  # the call is being abandoned: start no new ffmpeg
             raise ExportError(f"encoding {dest.name} was cancelled")
         encode_segment(segment, ffmpeg, fmt, dest)
-        if then is not None:
-            then(fmt, dest)
-        return dest
+        return dest if then is None else then(fmt, dest)
 
     pool = ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="tydust-encode")
     try:

@@ -57,6 +57,18 @@ class EncodedMasterResult:
     ceiling_met: bool
 
 
+@dataclass(frozen=True)
+class MeasuredFile:
+    """An encoded file whose true peak was measured as soon as it was written (:func:`measure_file`).
+
+    An ``encode`` callback of :func:`master_for_encoding` may return these instead of
+    paths, so each file is measured while the others are still encoding.
+    """
+
+    path: Path
+    true_peak_dbtp: float
+
+
 def ffmpeg_exe() -> str:
     """The ffmpeg the export stage uses (``$TYDUST_FFMPEG``, PATH, or the imageio-ffmpeg wheel).
 
@@ -119,6 +131,11 @@ def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -
     return true_peak(decode_audio(path), circular=circular)
 
 
+def measure_file(path: str | os.PathLike[str], *, circular: bool = False) -> MeasuredFile:
+    """:func:`encoded_true_peak` of ``path``, kept with it (for an ``encode`` callback to return)."""
+    return MeasuredFile(Path(path), encoded_true_peak(path, circular=circular))
+
+
 def encoded_true_peaks(paths: Sequence[str | os.PathLike[str]], *, circular: bool = False) -> tuple[float, ...]:
     """:func:`encoded_true_peak` of every file at once, one thread each (same order as ``paths``).
 
@@ -161,7 +178,7 @@ def ceiling_margin_for(
 def master_for_encoding(
     samples: Any,
     sample_rate: int,
-    encode: Callable[[MasterResult], Sequence[str | os.PathLike[str]]],
+    encode: Callable[[MasterResult], Sequence[str | os.PathLike[str] | MeasuredFile]],
     *,
     target_lufs: float | None = DEFAULT_TARGET_LUFS,
     ceiling_dbtp: float = DEFAULT_CEILING_DBTP,
@@ -176,8 +193,10 @@ def master_for_encoding(
         samples: ``[C, N]`` audio.
         sample_rate: Hz.
         encode: callback that encodes ``result.samples`` (e.g. to MP3 and OGG)
-            and returns the written paths. It is called once per try; later
-            tries should overwrite the same paths.
+            and returns the written paths, or :class:`MeasuredFile` for files it
+            measured itself (:func:`measure_file`, e.g. each as soon as it was
+            written); the rest are measured here, at once. It is called once per
+            try; later tries should overwrite the same paths.
         target_lufs: LUFS, or None (see :func:`master`).
         ceiling_dbtp: dBTP the *decoded files* must meet.
         initial_margin_db: headroom for the first try, dB.
@@ -198,8 +217,11 @@ def master_for_encoding(
             samples, sample_rate, target_lufs=target_lufs, ceiling_dbtp=ceiling_dbtp,
             margin_db=margin, circular=circular, **master_options,
         )  # fmt: skip
-        paths = tuple(Path(p) for p in encode(result))
-        peaks = encoded_true_peaks(paths, circular=circular)
+        written = list(encode(result))
+        paths = tuple(w.path if isinstance(w, MeasuredFile) else Path(w) for w in written)
+        unmeasured = [p for w, p in zip(written, paths) if not isinstance(w, MeasuredFile)]
+        measured = iter(encoded_true_peaks(unmeasured, circular=circular))
+        peaks = tuple(w.true_peak_dbtp if isinstance(w, MeasuredFile) else next(measured) for w in written)
         worst = max(peaks, default=SILENCE_DB)
         next_margin = ceiling_margin_for(worst, ceiling_dbtp, margin)
         if next_margin is None or attempt == max_tries:

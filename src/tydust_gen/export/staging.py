@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from tydust_gen.audio.resample import TARGET_CHANNELS, TARGET_SAMPLE_RATE
 from tydust_gen.base import faults, signals
@@ -152,18 +152,24 @@ class Staging:
         assert self.path is not None, "use Staging as a context manager"
         return self.path / f"{self.name}.{fmt}"
 
-    def encode(self, wave: Waveform, tags: TrackTags) -> list[Path]:
-        """Encode and tag ``wave`` (float ``[2, N]`` at 44.1 kHz) as staged MP3 and OGG; returns their paths."""
+    def encode(self, wave: Waveform, tags: TrackTags, *, then: Callable[[Path], Any] | None = None) -> list[Any]:
+        """Encode and tag ``wave`` (float ``[2, N]`` at 44.1 kHz) as staged MP3 and OGG; returns their paths.
+
+        ``then``, when given, runs on each file in its encoding thread as soon as it is tagged (the
+        mastering stage measures the MP3 while the slower OGG is still encoding), and its results are
+        returned instead of the paths.
+        """
         if wave.sample_rate != TARGET_SAMPLE_RATE or wave.channels != TARGET_CHANNELS:
             raise ValueError(f"export needs 44.1 kHz stereo, got {wave.sample_rate} Hz x {wave.channels}")
         assert self.path is not None, "use Staging as a context manager"
         segment = pcm_segment(wave)
 
-        def tag(fmt: str, dest: Path) -> None:
+        def tag(fmt: str, dest: Path) -> Any:
             try:
                 write_tags(dest, fmt, tags)
             except Exception as exc:  # noqa: BLE001 - mutagen raises many types
                 raise ExportError(f"could not tag {dest.name}: {exc}") from exc
+            return dest if then is None else then(dest)
 
         def each_done(fmt: str) -> None:
             if fmt == "mp3":

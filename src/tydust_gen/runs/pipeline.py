@@ -8,6 +8,7 @@ stereo → MP3 + OGG for one planned track on an already loaded model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from tydust_gen.base.variations import variation_names, variation_seed
 from tydust_gen.base.waveform import Waveform
 from tydust_gen.export import staging as export
 from tydust_gen.export.ffmpeg import Ffmpeg
-from tydust_gen.export.loudness import EncodedMasterResult, master_for_encoding
+from tydust_gen.export.loudness import EncodedMasterResult, MeasuredFile, master_for_encoding, measure_file
 from tydust_gen.export.tags import TrackTags, write_loop_tags
 from tydust_gen.export.verify import ExportedFile
 from tydust_gen.model import generate
@@ -542,8 +543,10 @@ def render_takes(
         try:
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
 
-                def encode(mastering_pass) -> list[Path]:
-                    return staging.encode(Waveform(_tensor(mastering_pass.samples), sr), tags)
+                def encode(mastering_pass) -> list[MeasuredFile]:
+                    # each file is decoded and measured in its encoding thread: the MP3 while the OGG encodes
+                    measure = functools.partial(measure_file, circular=m.loop)
+                    return staging.encode(Waveform(_tensor(mastering_pass.samples), sr), tags, then=measure)
 
                 mastered = master_take(prepared, m, encode)
                 if m.loop:
@@ -634,7 +637,7 @@ def prepare_take_audio(
 def master_take(
     take: TakeAudio,
     mastering: MasteringSettings,
-    encode: Callable[[master_stage.MasterResult], Sequence[str | os.PathLike[str]]],
+    encode: Callable[[master_stage.MasterResult], Sequence[str | os.PathLike[str] | MeasuredFile]],
 ) -> EncodedMasterResult:
     """Master a prepared take to the loudness target and the ceiling, checked on the files ``encode`` writes."""
     m = mastering
