@@ -590,7 +590,7 @@ class TakeAudio:
     """One take between the model and the mastering stage.
 
     Attributes:
-        samples: float32 ``[2, N]`` at ``sample_rate``: DC removed, then looped or faded.
+        samples: float32 ``[2, N]`` at ``sample_rate``: DC removed, resampled, then looped or faded.
         sample_rate: Hz (44.1 kHz).
         dc_offset: each channel's mean before DC removal (JSON numbers).
         loop: loop points, beat grid and the seam figures of a hard cut, in loop mode; else None.
@@ -607,7 +607,7 @@ class TakeAudio:
 def prepare_take_audio(
     wave: Waveform, *, generated_s: float, duration_s: float, mastering: MasteringSettings, bpm_prior: float | None = None
 ) -> TakeAudio:
-    """The model's output (32 kHz) → 44.1 kHz stereo → DC removal → loop on the bar, or fades.
+    """The model's output (32 kHz) → DC removal → 44.1 kHz stereo → loop on the bar, or fades.
 
     Args:
         wave: one take as decoded by EnCodec, ``[C, N]`` at the model's rate (C = 2: the
@@ -618,13 +618,16 @@ def prepare_take_audio(
         bpm_prior: the prompt file's ``bpm``, the centre of the loop's tempo search.
     """
     m = mastering
-    stereo = audio.to_44k1_stereo(wave, generated_s)
-    sr = stereo.sample_rate
-    raw = stereo.samples.numpy()
-    dc_offset = [_num(v) for v in raw.mean(axis=1)]
-    # DC goes here, once, before loop folding and fades: fading an offset makes a thump.
+    raw = wave.samples.detach().cpu().numpy()
+    dc_offset = [_num(v) for v in np.broadcast_to(raw.mean(axis=1), (audio.TARGET_CHANNELS,))]  # mono: both sides
+    # DC goes first, once, before loop folding and fades (fading an offset makes a thump), and at the
+    # model's rate: a linear filter commutes with resampling and copying to both sides, and the model's
+    # 32 kHz channels are under half the samples of 44.1 kHz stereo (mono), so it costs less than after.
     # master_take tells the mastering stage not to run the high-pass a second time.
-    x = master_stage.remove_dc(raw, sr)
+    clean = Waveform(_tensor(master_stage.remove_dc(raw, wave.sample_rate)), wave.sample_rate)
+    stereo = audio.to_44k1_stereo(clean, generated_s)
+    sr = stereo.sample_rate
+    x = stereo.samples.numpy()
     if m.loop:
         # Beat grid, then a loop of whole bars cut on the downbeat; no clear beat: a loop of the duration.
         looped = loop_stage.loop_take(x, sr, duration_s=duration_s, bars=m.bars, meter=m.meter, bpm_prior=bpm_prior)
