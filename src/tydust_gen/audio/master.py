@@ -41,11 +41,12 @@ Never fade a loop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -330,36 +331,112 @@ def peak_envelope(
     n = audio.shape[1]
     if n == 0:
         return np.zeros(0, dtype=np.float32)
-    env = np.max(np.abs(audio), axis=0)
     if oversample <= 1:
-        return env
+        return np.max(np.abs(audio), axis=0)
     span = _PEAK_FILTER_SPAN
     padded = torch.from_numpy(np.pad(audio, ((0, 0), (span, span)), mode="wrap" if circular else "constant"))
-    bank = torch.from_numpy(_interpolation_bank(oversample)).unsqueeze(1)
+    env = np.empty(n, dtype=np.float32)
     out = torch.from_numpy(env)
-    # One torch thread: a second one gains ~10 % here, and the scan runs beside other work (the loudness
-    # meter, an ffmpeg encoder) that a two-thread OpenMP region would wait on. The setting is the
-    # calling thread's own (OpenMP's per-thread state), so the model's threads elsewhere are untouched.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _scan_blocks(padded, bank, out, n)
-    finally:
-        torch.set_num_threads(threads)
-    return env
-
-
-def _scan_blocks(padded, bank, out, n: int) -> None:
-    import torch
-
-    span = _PEAK_FILTER_SPAN
-    with torch.inference_mode():
+    with _one_torch_thread():
         # Block by block, each with its own real neighbours: a few MB of oversampled signal at a time
         # instead of 4 bytes x oversample x N per channel (0.8 GB for 600 s of stereo).
         for start in range(0, n, _PEAK_SCAN_BLOCK):
             stop = min(n, start + _PEAK_SCAN_BLOCK)
-            up = torch.nn.functional.conv1d(padded[:, start : stop + 2 * span].unsqueeze(1), bank)  # [C, phases, block]
-            torch.maximum(out[start:stop], up.abs().amax(dim=(0, 1)), out=out[start:stop])
+            out[start:stop] = _reconstructed_peaks(padded, span + start, span + stop, oversample)
+    return env
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the torch work inside on one thread.
+
+    A second thread gains ~10 % on the true-peak scan, and the scan runs beside other work (the
+    loudness meter, an ffmpeg encoder) that a two-thread OpenMP region would wait on. The setting is
+    the calling thread's own (OpenMP's per-thread state), so threads elsewhere keep theirs.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reconstructed_peaks(signal, start: int, stop: int, oversample: int):
+    """Per-sample true peak of ``signal`` (a float32 torch ``[C, L]``) at positions ``[start, stop)``.
+
+    The largest of each sample's magnitude and its ``oversample`` reconstructed values up to the next
+    sample, over all channels; the neighbours the filter reads must lie inside ``signal``
+    (``start >= span``, ``stop <= L - span``).
+    """
+    import torch
+
+    span = _PEAK_FILTER_SPAN
+    bank = torch.from_numpy(_interpolation_bank(oversample)).unsqueeze(1)
+    up = torch.nn.functional.conv1d(signal[:, start - span : stop + span].unsqueeze(1), bank)  # [C, phases, n]
+    return torch.maximum(up.abs().amax(dim=(0, 1)), signal[:, start:stop].abs().amax(dim=0))
+
+
+class TruePeakMeter:
+    """The true peak of audio that arrives in pieces (a decoder's output), without holding all of it.
+
+    Fed the pieces of a track in order, :meth:`true_peak_dbtp` is :func:`true_peak` of the whole
+    track: every sample is reconstructed from the same neighbours, the track's ends from silence or,
+    for a loop (``circular``), from each other across the seam once the end has arrived. So a file can
+    be measured while it is being decoded, in a few MB.
+    """
+
+    def __init__(self, channels: int, *, oversample: int = TRUE_PEAK_OVERSAMPLE, circular: bool = False):
+        span = _PEAK_FILTER_SPAN
+        self._channels, self._oversample, self._circular = channels, oversample, circular
+        self._peak = 0.0
+        self._small: list[np.ndarray] | None = []  # everything, until there is more than a seam's context
+        self._head = np.zeros((channels, 0), np.float32)  # a loop's first 2 x span samples: the seam's context
+        # the samples whose envelope is still to come, after ``span`` samples of left context
+        self._tail = np.zeros((channels, 0 if circular else span), np.float32)
+
+    def feed(self, piece: np.ndarray) -> None:
+        """Add the next ``[channels, n]`` samples."""
+        piece = np.asarray(piece, dtype=np.float32)
+        if piece.ndim != 2 or piece.shape[0] != self._channels:
+            raise ValueError(f"pieces must be shaped [{self._channels}, n], got {piece.shape}")
+        if self._small is not None:
+            self._small.append(piece)
+            if sum(p.shape[1] for p in self._small) <= 4 * _PEAK_FILTER_SPAN:
+                return
+            piece, self._small = np.concatenate(self._small, axis=1), None
+            if self._circular:  # the first span samples wait for the end, their left neighbours across the seam
+                self._head = piece[:, : 2 * _PEAK_FILTER_SPAN].copy()
+                self._tail = piece[:, :0]
+        self._scan(np.concatenate((self._tail, piece), axis=1), first=_PEAK_FILTER_SPAN)
+
+    def _scan(self, seg: np.ndarray, first: int, right: int | None = None) -> None:
+        import torch
+
+        span = _PEAK_FILTER_SPAN
+        stop = seg.shape[1] - span if right is None else right
+        if stop > first:
+            with _one_torch_thread():
+                peaks = _reconstructed_peaks(torch.from_numpy(np.ascontiguousarray(seg)), first, stop, self._oversample)
+                self._peak = max(self._peak, float(peaks.max()))
+        self._tail = seg[:, max(stop, first) - span :]
+
+    def true_peak_dbtp(self) -> float:
+        """dBTP of everything fed (``-inf`` for silence or nothing)."""
+        span = _PEAK_FILTER_SPAN
+        if self._small is not None:  # a few samples: the whole-array definition
+            whole = np.concatenate(self._small, axis=1) if self._small else np.zeros((self._channels, 0), np.float32)
+            return true_peak(whole, oversample=self._oversample, circular=self._circular)
+        if self._circular:
+            # the last samples, with the first as right neighbours, then the first span samples, with the last
+            seg = np.concatenate((self._tail, self._head), axis=1)
+            self._scan(seg, first=span, right=self._tail.shape[1] + span)
+        else:
+            self._scan(np.concatenate((self._tail, np.zeros((self._channels, span), np.float32)), axis=1), first=span)
+        return gain_to_db(self._peak) if self._peak > 0 else SILENCE_DB
 
 
 def true_peak(

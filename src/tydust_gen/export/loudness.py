@@ -15,12 +15,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from tydust_gen.base.errors import ExportError, SettingsError
-from tydust_gen.audio.master import SILENCE_DB, DEFAULT_CEILING_DBTP, DEFAULT_TARGET_LUFS, MasterResult, master, true_peak
+from tydust_gen.audio.master import SILENCE_DB, DEFAULT_CEILING_DBTP, DEFAULT_TARGET_LUFS, MasterResult, TruePeakMeter, master
 
 DEFAULT_ENCODE_MARGIN_DB = 0.3  # dB; first-try headroom for the lossy-codec peak rise (~0.2 dB)
 
@@ -81,27 +81,30 @@ def ffmpeg_exe() -> str:
     return find_ffmpeg().path
 
 
-def decode_audio(
+DECODE_PIECE_FRAMES = 1 << 16  # samples per channel read from the decoder at a time (1.5 s at 44.1 kHz)
+
+
+def decoded_pieces(
     path: str | os.PathLike[str],
     *,
     sample_rate: int = ENCODED_SAMPLE_RATE,
     channels: int = ENCODED_CHANNELS,
     max_seconds: float | None = None,
-) -> np.ndarray:
-    """Decode any file ffmpeg reads to float32 ``[C, N]`` without clipping.
+    piece_frames: int = DECODE_PIECE_FRAMES,
+) -> Iterator[np.ndarray]:
+    """Decode any file ffmpeg reads, yielding float32 ``[channels, n]`` pieces as ffmpeg produces them.
 
-    Decoding to 32-bit float keeps overshoots above full scale, which is the
-    point when measuring the true peak of an encoded file.
+    Decoding to 32-bit float keeps overshoots above full scale, which is the point when measuring
+    the true peak of an encoded file. The decoder is a child process; it is killed if the caller
+    stops early (an error, Ctrl-C) and its errors become :class:`ExportError` at the end.
 
     Args:
         path: an MP3, OGG, WAV... file.
         sample_rate: Hz to decode at.
         channels: channel count to decode to.
         max_seconds: stop decoding after this many seconds (None: the whole file), so a
-            caller with a length limit need not hold hours of samples to find a file too long.
-
-    Returns:
-        float32 ``[channels, N]``.
+            caller with a length limit need not decode hours to find a file too long.
+        piece_frames: samples per channel in each piece (the last may be shorter).
 
     Raises:
         ExportError: ffmpeg could not decode the file (its stderr is included).
@@ -111,28 +114,49 @@ def decode_audio(
         "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate),
         *(["-t", f"{max_seconds:.6f}"] if max_seconds is not None else []), "-",
     ]  # fmt: skip
-    # stdout read in one call (not communicate()'s 32 KB chunks: ~0.1 s on a 90 s track); stderr to a file,
-    # so a chatty decoder cannot fill a pipe nobody reads
+    frame = 4 * channels
+    # stderr to a file, so a chatty decoder cannot fill a pipe nobody reads
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
         try:
             with proc.stdout:
-                decoded = proc.stdout.read()
+                while data := proc.stdout.read(piece_frames * frame):  # whole pieces until the end
+                    usable = len(data) - len(data) % frame
+                    yield np.frombuffer(data[:usable], dtype="<f4").reshape(-1, channels).T
             returncode = proc.wait()
         finally:
-            if proc.poll() is None:  # interrupted: the decoder goes too
+            if proc.poll() is None:  # stopped early: the decoder goes too
                 proc.kill()
                 proc.wait()
         if returncode != 0:
             errors.seek(0)
             stderr = errors.read().decode("utf-8", "replace").strip()
-            raise ExportError(f"could not decode {path} to measure its peak: {stderr}")
-    data = np.frombuffer(decoded, dtype="<f4")
-    return np.ascontiguousarray(data.reshape(-1, channels).T)
+            raise ExportError(f"could not decode {path}: {stderr}")
+
+
+def decode_audio(
+    path: str | os.PathLike[str],
+    *,
+    sample_rate: int = ENCODED_SAMPLE_RATE,
+    channels: int = ENCODED_CHANNELS,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Decode any file ffmpeg reads to float32 ``[C, N]`` without clipping (:func:`decoded_pieces`, joined).
+
+    Raises:
+        ExportError: ffmpeg could not decode the file (its stderr is included).
+    """
+    pieces = list(decoded_pieces(path, sample_rate=sample_rate, channels=channels, max_seconds=max_seconds))
+    if not pieces:
+        return np.zeros((channels, 0), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(pieces, axis=1))
 
 
 def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -> float:
     """True peak (dBTP) of an encoded file, measured on its decoded 44.1 kHz stereo audio.
+
+    Each piece is scanned as the decoder delivers it (:class:`TruePeakMeter`), so decoding (in
+    ffmpeg's process) and scanning (here) overlap, and the decoded track is never held whole.
 
     Args:
         path: encoded file (MP3, OGG...).
@@ -141,7 +165,10 @@ def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -
     Returns:
         dBTP.
     """
-    return true_peak(decode_audio(path), circular=circular)
+    meter = TruePeakMeter(ENCODED_CHANNELS, circular=circular)
+    for piece in decoded_pieces(path):
+        meter.feed(piece)
+    return meter.true_peak_dbtp()
 
 
 def measure_file(path: str | os.PathLike[str], *, circular: bool = False) -> MeasuredFile:
