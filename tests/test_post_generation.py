@@ -158,3 +158,31 @@ def test_static_gain_reports_the_peak_it_produces():
     result = master.master(audio, 44_100, target_lufs=-20.0, ceiling_dbtp=-1.0)
     assert result.limiter_max_reduction_db == 0.0 and result.gain_db != 0.0
     assert math.isclose(result.output_true_peak_dbtp, master.true_peak(result.samples), abs_tol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads niceness from /proc (Linux)")
+def test_a_finished_file_is_measured_at_a_lower_priority(tmp_path, monkeypatch):
+    """measure_file runs in an encoding thread while the other format may still encode: that thread and
+    its decoder yield the CPU (nice +10); the peak is the one measured at normal priority."""
+    import threading
+
+    from tydust_gen.export.loudness import BACKGROUND_NICE, measure_file
+
+    path = export.export_track(stereo(0.5), tmp_path / "files", "t", TAGS, ffmpeg=find_ffmpeg())[0].path
+    want = encoded_true_peak(path)
+    script = wrapper(tmp_path, "*f32le*) awk '{print $19}' /proc/$$/stat > \"$M/decoder.nice\" ;;")
+    monkeypatch.setenv("TYDUST_FFMPEG", script.path)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def measure():
+        seen["result"] = measure_file(path)
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    worker = threading.Thread(target=measure)
+    worker.start()
+    worker.join()
+    assert seen["result"].path == path and seen["result"].true_peak_dbtp == want
+    assert seen["thread"] == min(base + BACKGROUND_NICE, 19)
+    assert int((tmp_path / "decoder.nice").read_text()) == min(base + BACKGROUND_NICE, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling process's own thread is untouched
