@@ -98,7 +98,6 @@ def decoded_pieces(
     channels: int = ENCODED_CHANNELS,
     max_seconds: float | None = None,
     piece_frames: int = DECODE_PIECE_FRAMES,
-    background: bool = False,
 ) -> Iterator[np.ndarray]:
     """Decode any file ffmpeg reads, yielding float32 ``[channels, n]`` pieces as ffmpeg produces them.
 
@@ -113,8 +112,6 @@ def decoded_pieces(
         max_seconds: stop decoding after this many seconds (None: the whole file), so a
             caller with a length limit need not decode hours to find a file too long.
         piece_frames: samples per channel in each piece (the last may be shorter).
-        background: run the decoder at nice +10 (where the system allows it), beside work
-            that should keep the CPU first.
 
     Raises:
         ExportError: ffmpeg could not decode the file (its stderr is included).
@@ -128,9 +125,6 @@ def decoded_pieces(
     # stderr to a file, so a chatty decoder cannot fill a pipe nobody reads
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
-        if background:
-            with contextlib.suppress(AttributeError, OSError):
-                _lower_priority(proc.pid)
         try:
             with contextlib.suppress(ImportError, AttributeError, OSError):  # 64 KB by default: the decoder would wait on us
                 import fcntl  # Linux (F_SETPIPE_SZ); elsewhere the default pipe
@@ -174,7 +168,7 @@ def decode_audio(
     return np.ascontiguousarray(np.concatenate(pieces, axis=1))
 
 
-def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False, background: bool = False) -> float:
+def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -> float:
     """True peak (dBTP) of an encoded file, measured on its decoded 44.1 kHz stereo audio.
 
     Each piece is scanned as the decoder delivers it (:class:`TruePeakMeter`), so decoding (in
@@ -183,13 +177,12 @@ def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False, b
     Args:
         path: encoded file (MP3, OGG...).
         circular: include the seam of a loop.
-        background: decode at a lower priority (:func:`decoded_pieces`).
 
     Returns:
         dBTP.
     """
     meter = TruePeakMeter(ENCODED_CHANNELS, circular=circular)
-    for piece in decoded_pieces(path, background=background):
+    for piece in decoded_pieces(path):
         meter.feed(piece)
     return meter.true_peak_dbtp()
 
@@ -198,7 +191,8 @@ def measure_file(path: str | os.PathLike[str], *, circular: bool = False) -> Mea
     """:func:`encoded_true_peak` of ``path``, kept with it (for an ``encode`` callback to return).
 
     Meant for an encoding thread, right after its file is written, while the other format may still
-    be encoding: the calling thread and its decoder run at a lower priority (nice +10, Linux), so
+    be encoding: the calling thread runs at a lower priority (nice +10, Linux; the decoder it starts
+    inherits it), so
     that measuring a finished file takes the CPU the unfinished encode leaves, not the encode's own.
     The thread should be one that ends with the encode (the priority cannot be raised back
     without privileges).
@@ -207,7 +201,7 @@ def measure_file(path: str | os.PathLike[str], *, circular: bool = False) -> Mea
 
     with contextlib.suppress(AttributeError, OSError):  # not on every system: then at the same priority
         _lower_priority(threading.get_native_id())
-    return MeasuredFile(Path(path), encoded_true_peak(path, circular=circular, background=True))
+    return MeasuredFile(Path(path), encoded_true_peak(path, circular=circular))
 
 
 def encoded_true_peaks(paths: Sequence[str | os.PathLike[str]], *, circular: bool = False) -> tuple[float, ...]:
