@@ -4,7 +4,7 @@ Not a test: run by hand, e.g.
 
     python bench/pipeline_bench.py --duration 90 --repeats 5
     python bench/pipeline_bench.py --duration 90 --repeats 5 --baseline main
-    python bench/pipeline_bench.py --synthetic --duration 90 --repeats 3   # no model, no CLI: quick
+    python bench/pipeline_bench.py --synthetic --duration 90 --repeats 6 --baseline 0f9b79f   # no model, no CLI
 
 It saves the tiny random MusicGen to a temporary folder and, ``--repeats``
 times, in an order that rotates each round:
@@ -42,10 +42,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
+if "--synthetic-child" not in sys.argv:  # a child runs the code its PYTHONPATH names
+    sys.path.insert(0, str(REPO / "src"))
 
 # main before issue 11's post-generation work: one-call EnCodec decode, MP3 then OGG, files measured one by one.
 DEFAULT_BASELINE = "1e6ae4c"
+# (--synthetic needs prepare_take_audio and master_take, which 1e6ae4c lacks: pass e.g. --baseline 0f9b79f, main
+# before this session's post-generation work.)
 STAGES = ["generate", "decode", "audio", "master_export"]
 
 
@@ -83,26 +86,29 @@ def plain_ffmpeg(ffmpeg: str, wav: Path, out: Path) -> dict:
 
 
 def synthetic_post(seconds: float, tmp: Path, i: int) -> tuple[dict, Path]:
-    """This code's stages after the model, in-process, on synthetic 32 kHz mono music (no model, no generation),
-    through the pipeline's own functions: ``prepare_take_audio`` (44.1 kHz stereo, DC removal), ``master_take``
-    (mastering checked on the decoded files, MP3 + OGG at once, each measured as it is written, tags), then
-    verify and publish. Returns the time and the published OGG (the same audio plain ffmpeg then encodes)."""
+    """The stages after the model of the code on ``sys.path``, in-process, on synthetic 32 kHz mono music (no
+    model, no generation), through the pipeline's own functions: ``prepare_take_audio`` (DC removal, 44.1 kHz
+    stereo), ``master_take`` (mastering checked on the decoded files, MP3 + OGG at once, tags), then verify and
+    publish. Code that measures each file in its encoding thread (``measure_file``) is run that way; older code
+    measures after both encodes, as it did. Returns the time and the published OGG (what plain ffmpeg then
+    encodes)."""
     import functools
 
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.append(str(REPO / "tests"))
     from synth import music
 
     from tydust_gen.base.settings import MasteringSettings
     from tydust_gen.base.waveform import Waveform
+    from tydust_gen.export import loudness
     from tydust_gen.export import staging as export
     from tydust_gen.export.ffmpeg import find_ffmpeg
-    from tydust_gen.export.loudness import measure_file
     from tydust_gen.export.tags import TrackTags
     from tydust_gen.runs.pipeline import master_take, prepare_take_audio
 
+    measure = getattr(loudness, "measure_file", None)
     wave = Waveform(torch.from_numpy(music(seconds + 0.5, sr=32_000, seed=i, dc=0.3, level=0.3)[:1].copy()), 32_000)
     ffmpeg, out, mastering = find_ffmpeg(), tmp / f"synthetic-{i}", MasteringSettings()
     t = time.perf_counter()
@@ -113,43 +119,70 @@ def synthetic_post(seconds: float, tmp: Path, i: int) -> tuple[dict, Path]:
 
         def encode(result):
             wave = Waveform(torch.from_numpy(np.ascontiguousarray(result.samples)), 44_100)
-            return staging.encode(wave, tags, then=functools.partial(measure_file, circular=False))
+            if measure is None:
+                return staging.encode(wave, tags)
+            return staging.encode(wave, tags, then=functools.partial(measure, circular=False))
 
-        master_take(take, mastering, encode)
+        mastered = master_take(take, mastering, encode)
         staging.publish(seconds)
     post = time.perf_counter() - t
-    return {"audio": t_audio, "master_export": post - t_audio, "post": post}, out / "bench.ogg"
+    row = {"audio": t_audio, "master_export": post - t_audio, "post": post, "encode_tries": mastered.tries}
+    return row, out / "bench.ogg"
+
+
+def synthetic_child(args: argparse.Namespace) -> None:
+    """``--synthetic-child``: one synthetic take (after a 1 s warm-up) with the code on PYTHONPATH; prints JSON."""
+    out = Path(args.synthetic_child)
+    synthetic_post(1.0, out, 999)
+    row, ogg = synthetic_post(args.duration, out, args.seed)
+    import tydust_gen
+
+    print(json.dumps({**row, "ogg": str(ogg), "code": str(Path(tydust_gen.__file__).parents[1])}))
 
 
 def synthetic_main(args: argparse.Namespace, ffmpeg: str) -> None:
-    """``--synthetic``: this code's stages after the model against plain ffmpeg, alternating, ``--repeats`` rounds."""
-    rows: dict[str, list[dict]] = {"ffmpeg": [], "this": []}
+    """``--synthetic``: this code's stages after the model, the baseline's, and plain ffmpeg, in an order that
+    rotates each round. Each take runs in a fresh process with that code on PYTHONPATH; the same synthetic
+    music (the round's seed) for both codes; ffmpeg encodes the OGG this code published, as 16-bit WAV."""
+    codes = {"this": REPO / "src"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        synthetic_post(1.0, tmp, 999)  # warm-up: imports, page cache
-        wav = None
+        if args.baseline:
+            (tmp / "baseline").mkdir()
+            codes["baseline"] = extract(args.baseline, tmp / "baseline")
+        def take(name: str, label: str, seed: int) -> dict:
+            (tmp / label).mkdir()
+            cmd = [sys.executable, __file__, "--synthetic-child", str(tmp / label),
+                   "--duration", str(args.duration), "--seed", str(seed)]  # fmt: skip
+            proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(codes[name])}, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr}")
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+
+        # ffmpeg's audio: this code's OGG of the music, as 16-bit WAV (untimed; encode time hardly depends on the music)
+        wav = tmp / "reference.wav"
+        subprocess.run([ffmpeg, "-nostdin", "-v", "error", "-i", take("this", "reference", 0)["ogg"],
+                        "-c:a", "pcm_s16le", str(wav)], check=True)  # fmt: skip
+        rows: dict[str, list[dict]] = {"ffmpeg": [], **{name: [] for name in codes}}
+        order = [*codes, "ffmpeg"]
         for i in range(args.repeats):
-            if i % 2 and wav is not None:  # the order alternates: ffmpeg first (on the last round's audio)
-                rows["ffmpeg"].append(plain_ffmpeg(ffmpeg, wav, tmp))
-                row, ogg = synthetic_post(args.duration, tmp, i)
-                rows["this"].append(row)
-            else:
-                row, ogg = synthetic_post(args.duration, tmp, i)
-                rows["this"].append(row)
-            wav = tmp / f"ref-{i}.wav"
-            subprocess.run([ffmpeg, "-nostdin", "-v", "error", "-i", str(ogg), "-c:a", "pcm_s16le", str(wav)], check=True)
-            if len(rows["ffmpeg"]) < len(rows["this"]):
-                rows["ffmpeg"].append(plain_ffmpeg(ffmpeg, wav, tmp))
-            print(f"round {i + 1}: this {rows['this'][-1]['post']:.2f} s, ffmpeg {rows['ffmpeg'][-1]['post']:.2f} s, "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-    ref, post = median(rows["ffmpeg"], "post"), median(rows["this"], "post")
-    per_round = statistics.median(r["post"] / f["post"] for r, f in zip(rows["this"], rows["ffmpeg"]))
+            for name in order[i % len(order) :] + order[: i % len(order)]:
+                rows[name].append(plain_ffmpeg(ffmpeg, wav, tmp) if name == "ffmpeg" else take(name, f"{name}-{i}", i + 1))
+            print(f"round {i + 1}: " + ", ".join(f"{n} {rows[n][-1]['post']:.2f} s" for n in order)
+                  + f", load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    ref = median(rows["ffmpeg"], "post")
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the end; synthetic {args.duration:g} s, {args.repeats} rounds (medians, seconds)")
     print(f"  plain ffmpeg, MP3 then OGG   {ref:6.2f}   (MP3 {median(rows['ffmpeg'], 'mp3'):.2f}, OGG {median(rows['ffmpeg'], 'ogg'):.2f})")
-    print(f"  stages after the model       {post:6.2f}   ({post / ref:.2f}x ffmpeg; per round {per_round:.2f}x)   "
-          f"[audio {median(rows['this'], 'audio'):.2f}; master_export {median(rows['this'], 'master_export'):.2f}]")
-    print(json.dumps({"duration_s": args.duration, "synthetic": True, "rows": rows}))
+    for name in codes:
+        label = "this code" if name == "this" else f"baseline {args.baseline}"
+        post = median(rows[name], "post")
+        per_round = statistics.median(r["post"] / f["post"] for r, f in zip(rows[name], rows["ffmpeg"]))
+        tries = sorted({r["encode_tries"] for r in rows[name]})
+        print(f"  {label:26s} {post:6.2f}   ({post / ref:.2f}x ffmpeg; per round {per_round:.2f}x)   "
+              f"[audio {median(rows[name], 'audio'):.2f}; master_export {median(rows[name], 'master_export'):.2f}; "
+              f"encode tries {tries}]")  # fmt: skip
+    print(json.dumps({"duration_s": args.duration, "synthetic": True, "baseline": args.baseline, "rows": rows}))
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -164,8 +197,12 @@ def main() -> None:
     ap.add_argument("--backend", default="fast", help="fast, fast-int8 or stock")
     ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with ('' for none)")
     ap.add_argument("--synthetic", action="store_true",
-                    help="no model and no CLI: this code's stages after the model on synthetic audio vs plain ffmpeg")
+                    help="no model and no CLI: the stages after the model on synthetic audio, this code, the baseline and plain ffmpeg")
+    ap.add_argument("--synthetic-child", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.synthetic_child:
+        return synthetic_child(args)
 
     from tydust_gen.export.ffmpeg import find_ffmpeg
     from tydust_gen.model.tiny import save_tiny_model

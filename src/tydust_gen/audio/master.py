@@ -17,10 +17,11 @@ What the stage promises:
   doubles every loss (-12 dB at 20 Hz, -1 dB at 40 Hz). Every caller has to
   remove DC before folding a loop or fading anyway, so :func:`master` leaves DC
   alone unless asked (``highpass_hz``) for audio that skipped :func:`remove_dc`.
-* **Loudness** is ITU-R BS.1770-4 integrated loudness (LUFS), measured with
-  pyloudnorm. **True peak** is the largest magnitude of the signal upsampled
-  4x with a polyphase low-pass (:data:`TRUE_PEAK_OVERSAMPLE`), in dBTP, as in
-  BS.1770 Annex 2.
+* **Loudness** is ITU-R BS.1770-4 integrated loudness (LUFS), pyloudnorm's
+  meter run as whole-array operations (:func:`measure_loudness`). **True peak**
+  is the largest magnitude of the signal upsampled 4x with scipy's polyphase
+  low-pass (:data:`TRUE_PEAK_OVERSAMPLE`), in dBTP, as in BS.1770 Annex 2; a
+  decoder's output is measured piece by piece (:class:`TruePeakMeter`).
 * **The ceiling is never broken and nothing clips.** If the loudness target
   needs more gain than the true-peak ceiling allows, a look-ahead limiter
   (:func:`limit_true_peak`) pulls the peaks down; it never reduces more than
