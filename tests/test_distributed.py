@@ -172,6 +172,29 @@ def test_a_killer_track_fails_after_three_tries_and_a_broken_one_fails_once(clus
     no_leftovers(workdir)
 
 
+def test_a_continuation_waits_for_what_it_continues_and_fails_with_it(cluster, workdir, run_cli):
+    """Two workers, two chains: a continuation is not started beside the track it continues (its file does
+    not exist yet, nothing older does either) but after it is written, and fails when that track fails."""
+    prompts = workdir / "prompts"
+    for p in list(prompts.iterdir()):
+        p.unlink()
+    (prompts / "a_first.toml").write_text('duration = 1.5\nseed = 3\nprompt = "dark synth bass"\n')
+    (prompts / "b_then.toml").write_text('duration = 0.4\nseed = 3\nprompt = "intense synth"\ncontinue_from = "a_first"\ncontext = 0.6\n')
+    # fails by itself once the model is loaded: the tiny model's window is at most 40.88 s
+    (prompts / "c_broken.toml").write_text('duration = 42\nwindow = 42\nprompt = "long pads"\n')
+    (prompts / "d_after_broken.toml").write_text('duration = 0.4\nprompt = "calm"\ncontinue_from = "c_broken"\n')
+    result = run_cli("--all", "-o", "out", "--workers", "2", "--json")
+    assert result.exit_code == 1, result.stderr
+    tracks = {t["track"]: t for t in json.loads(result.stdout)["tracks"]}
+    assert {name: t["status"] for name, t in tracks.items()} == {
+        "a_first": "ok", "b_then": "ok", "c_broken": "failed", "d_after_broken": "failed",
+    }  # fmt: skip
+    assert tracks["b_then"]["continuation"]["sha256"] == hashlib.sha256((workdir / "out/a_first.ogg").read_bytes()).hexdigest()
+    assert tracks["d_after_broken"]["error"] == "it continues c_broken, which failed in this run; fix c_broken and render both again"
+    assert files_under(workdir / "out") == sorted(f"{t}.{x}" for t in ("a_first", "b_then") for x in ("json", "mp3", "ogg"))
+    no_leftovers(workdir)
+
+
 def test_unreachable_cluster_exits_3_before_any_work(cluster, workdir, run_cli, monkeypatch):
     monkeypatch.setattr(engine, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with socket.socket() as s:

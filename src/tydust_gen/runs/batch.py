@@ -334,6 +334,35 @@ def plan_tracks(request: BatchRequest) -> list[TrackPlan]:
     return order_continuations(plans)
 
 
+def continued_in_batch(plans: list[TrackPlan]) -> dict[int, int]:
+    """``{index of a plan: index of the plan of this list whose output it continues}``.
+
+    Such a track may only start once the one it continues is written (a scheduler running
+    tracks at once must wait for it), and fails when that one failed in this run.
+    """
+    by_name = {p.spec.name: i for i, p in enumerate(plans)}
+    return {
+        i: by_name[p.continuation.track]
+        for i, p in enumerate(plans)
+        if p.continuation is not None and p.continuation.track in by_name and by_name[p.continuation.track] != i
+    }
+
+
+def source_failed(plan: TrackPlan, source: TrackPlan, source_results: list[TrackResult]) -> TrackResult | None:
+    """The failed result of ``plan`` when the take it continues (``source``'s first) failed in this run, else None.
+
+    Continuing the previous run's file instead would silently join two runs' music.
+    """
+    first = next((r for r in source_results if r.name == source.takes[0]), None)
+    if first is None or first.ok:
+        return None
+    error = (
+        f"it continues {source.spec.name}, which failed in this run; "
+        f"fix {source.spec.name} and render both again"
+    )
+    return TrackResult(name=plan.spec.name, settings=plan.settings, seed_was_random=plan.seed_was_random, error=error)
+
+
 def order_continuations(plans: list[TrackPlan]) -> list[TrackPlan]:
     """Plans in render order: a track that continues another of the batch comes after it.
 
@@ -512,14 +541,23 @@ def run_batch(request: BatchRequest, listener: RunListener | None = None, *, sca
                     prepare_cpu_kernel(listener)
                 # One backend per name for this batch: its prepared weights are built once per model.
                 backends: dict[str, CodeBackend] = {}
-                for plan in plans:
+                sources = continued_in_batch(plans)
+                rendered_by_index: dict[int, list[TrackResult]] = {}
+                for index, plan in enumerate(plans):
+                    src = sources.get(index)
+                    failed = None if src is None else source_failed(plan, plans[src], rendered_by_index[src])
+                    if failed is not None:
+                        listener.track_failed(plan.spec.name, failed.error)
+                        rendered_by_index[index] = [failed]
+                        results.append(failed)
+                        continue
                     backend = backends.setdefault(
                         plan.settings.backend, make_backend(plan.settings.backend, self_check=True, warn=listener.warn)
                     )
-                    results.extend(
-                        render_planned(loaded, plan, backend=backend, ffmpeg=ffmpeg, force=request.force,
-                                       identity=identity, listener=listener)  # fmt: skip
+                    rendered_by_index[index] = render_planned(
+                        loaded, plan, backend=backend, ffmpeg=ffmpeg, force=request.force, identity=identity, listener=listener
                     )
+                    results.extend(rendered_by_index[index])
     # Report in the order the tracks were named (skipped ones were set aside first).
     position = {name: i for i, p in enumerate(plans_in_order) for name in (p.spec.name, *p.takes)}
     results.sort(key=lambda r: position.get(r.name, len(position)))

@@ -52,7 +52,7 @@ from tydust_gen.export.ffmpeg import Ffmpeg
 from tydust_gen.export.staging import Staging, output_paths
 from tydust_gen.export.verify import sha256_file
 from tydust_gen.runs import provenance
-from tydust_gen.runs.batch import RunListener, WorkerBoard, check_prompt_lengths, warn_loudness
+from tydust_gen.runs.batch import RunListener, WorkerBoard, check_prompt_lengths, continued_in_batch, source_failed, warn_loudness
 from tydust_gen.runs.pipeline import PREVIEW_SUFFIX, TrackPlan, TrackResult
 
 MAX_TRACK_RETRIES = 2  # a track whose worker died is tried again at most this many times (3 tries in all)
@@ -628,6 +628,7 @@ class RayScaleOut:
         faults = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
                   ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)  # fmt: skip
         queue = list(range(len(plans)))
+        sources = continued_in_batch(plans)  # a continuation waits until the track it continues is written
         tries = [0] * len(plans)
         died_on: dict[int, set[int]] = {}
         idle = list(range(len(actors)))
@@ -638,7 +639,18 @@ class RayScaleOut:
             progress.batch(0, len(plans))
             while queue or running:
                 while queue and idle:
-                    index = queue.pop(0)
+                    startable = [i for i in queue if sources.get(i) is None or sources[i] in results]
+                    if not startable:
+                        break
+                    index = startable[0]
+                    queue.remove(index)
+                    src = sources.get(index)
+                    failed = None if src is None else source_failed(plans[index], plans[src], results[src])
+                    if failed is not None:
+                        listener.track_failed(plans[index].spec.name, failed.error)
+                        results[index] = [failed]
+                        progress.batch(len(results), len(plans))
+                        continue
                     # another worker than the one(s) that died on this track, when one is free
                     fresh = [a for a in idle if a not in died_on.get(index, ())]
                     worker = (fresh or idle)[0]
