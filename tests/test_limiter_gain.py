@@ -114,3 +114,16 @@ def test_any_peaks_are_limited_as_by_the_whole_track_computation(n, peaks, burst
 def test_nothing_over_the_ceiling_is_unity():
     assert np.array_equal(master.limiter_gain(np.full(1000, 0.5), 0.5, SR), np.ones(1000, np.float32))
     assert master.limiter_gain(np.zeros(0), 0.5, SR).shape == (0,)
+
+
+@pytest.mark.parametrize("circular", [False, True])
+@pytest.mark.parametrize(("seed", "drive_db"), [(1, 3.0), (2, 8.0), (3, 14.0)])
+def test_the_limiter_keeps_the_ceiling_and_reports_the_peak_it_leaves(seed, drive_db, circular):
+    """The output's true peak, measured again from scratch, is at or under the ceiling and is the one reported
+    (the static trim after the gain curve is accounted for, not re-scanned)."""
+    audio = master.remove_dc(music(4.0, seed=seed, level=0.5), SR) * np.float32(10 ** (drive_db / 20))
+    out, reduction_db, peak_dbtp = master.limit_true_peak(audio, SR, -1.0, circular=circular)
+    measured = master.true_peak(out, circular=circular)
+    assert measured <= -1.0 + 1e-6
+    assert peak_dbtp == pytest.approx(measured, abs=1e-4)
+    assert reduction_db > 0.5  # it did limit
