@@ -188,7 +188,7 @@ def test_a_continuation_waits_for_what_it_continues_and_fails_with_it(cluster, w
     tracks = {t["track"]: t for t in json.loads(result.stdout)["tracks"]}
     assert {name: t["status"] for name, t in tracks.items()} == {
         "a_first": "ok", "b_then": "ok", "c_broken": "failed", "d_after_broken": "failed",
-    }  # fmt: skip
+    }, result.stderr  # fmt: skip
     assert tracks["b_then"]["continuation"]["sha256"] == hashlib.sha256((workdir / "out/a_first.ogg").read_bytes()).hexdigest()
     assert tracks["d_after_broken"]["error"] == "it continues c_broken, which failed in this run; fix c_broken and render both again"
     assert files_under(workdir / "out") == sorted(f"{t}.{x}" for t in ("a_first", "b_then") for x in ("json", "mp3", "ogg"))

@@ -566,6 +566,7 @@ class RayScaleOut:
         from tydust_gen.base import faults
 
         ray = _import_ray(self.request.private)
+        plans = [_absolute_inputs(p) for p in plans]  # workers run in other folders
         owned = self._connect(ray, listener)
         actors: list[Any] = []
         board = None
@@ -745,6 +746,19 @@ class RayScaleOut:
 
 class _TrackFailed(Exception):
     """A worker's one-line error for a track that failed for its own reasons."""
+
+
+def _absolute_inputs(plan: TrackPlan) -> TrackPlan:
+    """``plan`` with the audio files it reads (continued audio, melody) named by absolute path.
+
+    A worker's working folder is not the driver's, so a relative path (``out/phase3_combat.ogg``)
+    would name another file or none there.
+    """
+    if plan.continuation is not None:
+        plan = replace(plan, continuation=replace(plan.continuation, path=plan.continuation.path.absolute()))
+    if plan.melody is not None:
+        plan = replace(plan, melody=replace(plan.melody, path=plan.melody.path.absolute()))
+    return plan
 
 
 def _wait(ray, ref):
