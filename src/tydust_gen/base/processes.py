@@ -91,6 +91,28 @@ def available_memory_bytes() -> int | None:
         return None
 
 
+BACKGROUND_NICE = 10  # niceness added to a thread whose work should yield the CPU to its siblings
+
+
+_background = threading.local()
+
+
+def run_in_background() -> None:
+    """Lower the calling thread's priority by :data:`BACKGROUND_NICE` (up to 19), once per thread.
+
+    Linux gives each thread its own niceness and a child process starts with its creator
+    thread's, so ffmpeg processes this thread starts yield too. Elsewhere (no per-thread
+    niceness, or not allowed) nothing changes. The priority cannot be raised back without
+    privileges: call it only in a thread that ends with its work (a pool made for one call).
+    """
+    if getattr(_background, "lowered", False):
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+        _background.lowered = True
+
+
 def kill_self_now() -> None:
     """End this process at once, as the kernel's OOM killer or ``kill -9`` would (a test hook's tool)."""
     os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))

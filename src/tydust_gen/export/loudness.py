@@ -85,9 +85,6 @@ def ffmpeg_exe() -> str:
 DECODE_PIECE_FRAMES = 1 << 15  # samples per channel read from the decoder at a time (0.74 s at 44.1 kHz)
 
 
-BACKGROUND_NICE = 10  # added niceness of a finished file's measurement while another file encodes
-
-
 DECODE_PIPE_BYTES = 1 << 20  # the decoder's output pipe (Linux): room to decode ahead while a piece is scanned
 
 
@@ -145,11 +142,6 @@ def decoded_pieces(
             raise ExportError(f"could not decode {path}: {stderr}")
 
 
-def _lower_priority(task: int) -> None:
-    """Add :data:`BACKGROUND_NICE` to the niceness of a process or (Linux) thread id, up to 19."""
-    os.setpriority(os.PRIO_PROCESS, task, min(19, os.getpriority(os.PRIO_PROCESS, task) + BACKGROUND_NICE))
-
-
 def decode_audio(
     path: str | os.PathLike[str],
     *,
@@ -197,10 +189,9 @@ def measure_file(path: str | os.PathLike[str], *, circular: bool = False) -> Mea
     The thread should be one that ends with the encode (the priority cannot be raised back
     without privileges).
     """
-    import threading
+    from tydust_gen.base.processes import run_in_background
 
-    with contextlib.suppress(AttributeError, OSError):  # not on every system: then at the same priority
-        _lower_priority(threading.get_native_id())
+    run_in_background()
     return MeasuredFile(Path(path), encoded_true_peak(path, circular=circular))
 
 
