@@ -113,6 +113,15 @@ def run_in_background() -> None:
         _background.lowered = True
 
 
+def widen_pipe(pipe: Any, size: int) -> None:
+    """Ask for a pipe buffer of ``size`` bytes (Linux ``F_SETPIPE_SZ``), so a child writing into it can run
+    ahead of a reader busy with what it read; elsewhere, or when refused, the default (64 KB) stays."""
+    with contextlib.suppress(ImportError, AttributeError, OSError):
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, size)
+
+
 def kill_self_now() -> None:
     """End this process at once, as the kernel's OOM killer or ``kill -9`` would (a test hook's tool)."""
     os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))

@@ -9,7 +9,6 @@ margin (:func:`ceiling_margin_for`) until every file meets the ceiling.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from tydust_gen.base import processes
 from tydust_gen.base.errors import ExportError, SettingsError
 from tydust_gen.audio.master import SILENCE_DB, DEFAULT_CEILING_DBTP, DEFAULT_TARGET_LUFS, MasterResult, TruePeakMeter, master
 
@@ -123,10 +123,7 @@ def decoded_pieces(
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
         try:
-            with contextlib.suppress(ImportError, AttributeError, OSError):  # 64 KB by default: the decoder would wait on us
-                import fcntl  # Linux (F_SETPIPE_SZ); elsewhere the default pipe
-
-                fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, DECODE_PIPE_BYTES)
+            processes.widen_pipe(proc.stdout, DECODE_PIPE_BYTES)  # 64 KB by default: the decoder would wait on us
             with proc.stdout:
                 while data := proc.stdout.read(piece_frames * frame):  # whole pieces until the end
                     usable = len(data) - len(data) % frame
@@ -189,9 +186,7 @@ def measure_file(path: str | os.PathLike[str], *, circular: bool = False) -> Mea
     The thread should be one that ends with the encode (the priority cannot be raised back
     without privileges).
     """
-    from tydust_gen.base.processes import run_in_background
-
-    run_in_background()
+    processes.run_in_background()
     return MeasuredFile(Path(path), encoded_true_peak(path, circular=circular))
 
 
