@@ -188,20 +188,3 @@ def test_a_finished_file_is_measured_at_a_lower_priority(tmp_path, monkeypatch):
     assert int((tmp_path / "decoder.nice").read_text()) == min(base + BACKGROUND_NICE, 19)
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling process's own thread is untouched
 
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads niceness from /proc (Linux)")
-def test_the_mp3_yields_the_cpu_to_the_slower_ogg(tmp_path):
-    """Both formats encode at once; the MP3's ffmpeg (and its thread) runs at a lower priority so that on a
-    busy machine the OGG, the slower encode, finishes first-come; the calling thread keeps its priority."""
-    from tydust_gen.base.processes import BACKGROUND_NICE
-
-    ff = wrapper(
-        tmp_path,
-        "*libmp3lame*) awk '{print $19}' /proc/$$/stat > \"$M/mp3.nice\" ;;\n"
-        "*libvorbis*) awk '{print $19}' /proc/$$/stat > \"$M/ogg.nice\" ;;",
-    )
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    export.export_track(stereo(0.5), tmp_path / "out", "t", TAGS, ffmpeg=ff)
-    assert int((tmp_path / "mp3.nice").read_text()) == min(base + BACKGROUND_NICE, 19)
-    assert int((tmp_path / "ogg.nice").read_text()) == base
-    assert os.getpriority(os.PRIO_PROCESS, 0) == base

@@ -16,7 +16,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Sequence
 
 from tydust_gen.audio.resample import TARGET_CHANNELS, TARGET_SAMPLE_RATE, to_pcm16
 from tydust_gen.base import faults
@@ -49,7 +49,6 @@ def encode_formats(
     *,
     then: Callable[[str, Path], Any] | None = None,
     each_done: Callable[[str], None] | None = None,
-    background: Collection[str] = (),
 ) -> list[Any]:
     """Encode ``segment`` to every ``(fmt, dest)`` of ``jobs`` at once, one thread (and ffmpeg) per format.
 
@@ -61,9 +60,6 @@ def encode_formats(
             measuring); what it returns is that job's result.
         each_done: called in the calling thread as each job finishes, in ``jobs`` order
             (test hooks must pause where signals are delivered: the main thread).
-        background: formats whose thread (its ffmpeg, and ``then``) runs at a lower priority
-            (:func:`~tydust_gen.base.processes.run_in_background`): on a machine with fewer free
-            cores than jobs, the slowest encode keeps the CPU and the others fill in around it.
 
     Returns:
         Each job's result, in order: ``then(fmt, dest)``, or ``dest`` without ``then``.
@@ -78,8 +74,6 @@ def encode_formats(
     def work(fmt: str, dest: Path) -> Any:
         if stop.is_set():  # the call is being abandoned: start no new ffmpeg
             raise ExportError(f"encoding {dest.name} was cancelled")
-        if fmt in background:
-            children.run_in_background()  # the pool's threads end with this call
         encode_segment(segment, ffmpeg, fmt, dest)
         return dest if then is None else then(fmt, dest)
 

@@ -177,12 +177,9 @@ class Staging:
 
         # Both formats at once; pydub's temporaries (set process-wide) go to this folder until both are done.
         with _temporaries_in(self.path):
-            # libvorbis at q6 takes about 1.6x libmp3lame's time: the OGG keeps the CPU, the MP3 (and
-            # its check) yields to it, so both finish about when the OGG alone would
             return encode_formats(
-                segment, self.ffmpeg, [(fmt, self.staged(fmt)) for fmt in ("mp3", "ogg")], then=tag,
-                each_done=each_done, background=("mp3",),
-            )  # fmt: skip
+                segment, self.ffmpeg, [(fmt, self.staged(fmt)) for fmt in ("mp3", "ogg")], then=tag, each_done=each_done
+            )
 
     def add_extra(self, filename: str) -> Path:
         """Reserve a staged path for a file published beside the audio (e.g. a preview PNG)."""
