@@ -209,19 +209,23 @@ def test_a_continuation_is_current_only_while_what_it_continues_is_unchanged(wor
     assert listed() == {"a_boss_phase2": ("current", ""), "b_boss_phase1": ("current", "")}
 
 
-def test_a_continuation_fails_when_what_it_continues_failed_in_the_same_run(workdir, run_cli):
+@pytest.mark.parametrize("variations", [1, 2])  # a track of several takes fails as one result under its name
+def test_a_continuation_fails_when_what_it_continues_failed_in_the_same_run(workdir, run_cli, variations):
     """The continued track fails in this run while its previous take is still on disk: continuing that
     older file would join two runs' music, so the continuation fails with a line naming why, and both
     previous takes stay as they were."""
     args = _prompts(
         workdir,
         a_boss_phase2='prompt = "intense synth"\ncontinue_from = "b_boss_phase1"\ncontext = 0.4\nduration = 0.6\nseed = 2\n',
-        b_boss_phase1='prompt = "dark synth bass"\nduration = 0.6\nseed = 2\n',
+        b_boss_phase1=f'prompt = "dark synth bass"\nduration = 0.6\nseed = 2\nvariations = {variations}\n',
     )
     assert run_cli("--all", *args, "-o", "out").exit_code == 0
     before = {p.name: sha256_file(p) for p in (workdir / "out").iterdir()}
+    assert ("b_boss_phase1_v1.ogg" in before) == (variations > 1)
     # fails by itself once the model is loaded: the tiny model's window is at most 40.88 s
-    (workdir / "chain/b_boss_phase1.toml").write_text('prompt = "dark synth bass"\nduration = 42\nwindow = 42\n')
+    (workdir / "chain/b_boss_phase1.toml").write_text(
+        f'prompt = "dark synth bass"\nduration = 42\nwindow = 42\nvariations = {variations}\n'
+    )
     result = run_cli("--all", *args, "-o", "out", "--force", "--json")
     assert result.exit_code == 1, result.stderr
     tracks = {t["track"]: t for t in json.loads(result.stdout)["tracks"]}

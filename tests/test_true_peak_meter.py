@@ -95,3 +95,15 @@ def test_a_peak_next_to_a_cut_is_seen(circular):
         audio[:, spike] = 0.9
         audio[:, spike + 1] = -0.9  # the intersample peak between them is higher still
         assert streamed(audio, [100, 200, 201], circular) == pytest.approx(master.true_peak(audio, circular=circular), abs=1e-5)
+
+
+def test_the_result_is_given_once_and_then_the_meter_is_closed():
+    """A loop's first samples are measured at the end with the last as neighbours: asking twice must not
+    measure them again with other neighbours, and nothing may be fed after."""
+    audio = music(1.0, seed=2, level=0.8)
+    meter = master.TruePeakMeter(2, circular=True)
+    meter.feed(audio)
+    first = meter.true_peak_dbtp()
+    assert meter.true_peak_dbtp() == first == pytest.approx(master.true_peak(audio, circular=True), abs=1e-5)
+    with pytest.raises(ValueError, match="feed a new one"):
+        meter.feed(audio)

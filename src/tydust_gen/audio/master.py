@@ -338,7 +338,7 @@ def peak_envelope(
     padded = torch.from_numpy(np.pad(audio, ((0, 0), (span, span)), mode="wrap" if circular else "constant"))
     env = np.empty(n, dtype=np.float32)
     out = torch.from_numpy(env)
-    with _one_torch_thread():
+    with _no_grad():
         # Block by block, each with its own real neighbours: a few MB of oversampled signal at a time
         # instead of 4 bytes x oversample x N per channel (0.8 GB for 600 s of stereo).
         for start in range(0, n, _PEAK_SCAN_BLOCK):
@@ -348,22 +348,14 @@ def peak_envelope(
 
 
 @contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run the torch work inside on one thread.
-
-    A second thread gains ~10 % on the true-peak scan, and the scan runs beside other work (the
-    loudness meter, an ffmpeg encoder) that a two-thread OpenMP region would wait on. The setting is
-    the calling thread's own (OpenMP's per-thread state), so threads elsewhere keep theirs.
-    """
+def _no_grad() -> Iterator[None]:
+    """torch's inference mode for the scan. The thread count is left alone: ``torch.set_num_threads``
+    also sets the value every new thread starts with, so changing it around a scan in one thread could
+    leave a later generation thread with one core."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        yield
 
 
 def _reconstructed_peaks(signal, start: int, stop: int, oversample: int):
@@ -398,9 +390,12 @@ class TruePeakMeter:
         self._head = np.zeros((channels, 0), np.float32)  # a loop's first 2 x span samples: the seam's context
         # the samples whose envelope is still to come, after ``span`` samples of left context
         self._tail = np.zeros((channels, 0 if circular else span), np.float32)
+        self._result: float | None = None
 
     def feed(self, piece: np.ndarray) -> None:
         """Add the next ``[channels, n]`` samples."""
+        if self._result is not None:
+            raise ValueError("the meter has given its result; feed a new one")
         piece = np.asarray(piece, dtype=np.float32)
         if piece.ndim != 2 or piece.shape[0] != self._channels:
             raise ValueError(f"pieces must be shaped [{self._channels}, n], got {piece.shape}")
@@ -420,13 +415,18 @@ class TruePeakMeter:
         span = _PEAK_FILTER_SPAN
         stop = seg.shape[1] - span if right is None else right
         if stop > first:
-            with _one_torch_thread():
+            with _no_grad():
                 peaks = _reconstructed_peaks(torch.from_numpy(np.ascontiguousarray(seg)), first, stop, self._oversample)
                 self._peak = max(self._peak, float(peaks.max()))
         self._tail = seg[:, max(stop, first) - span :]
 
     def true_peak_dbtp(self) -> float:
-        """dBTP of everything fed (``-inf`` for silence or nothing)."""
+        """dBTP of everything fed (``-inf`` for silence or nothing); the meter takes no more pieces after."""
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+    def _finish(self) -> float:
         span = _PEAK_FILTER_SPAN
         if self._small is not None:  # a few samples: the whole-array definition
             whole = np.concatenate(self._small, axis=1) if self._small else np.zeros((self._channels, 0), np.float32)

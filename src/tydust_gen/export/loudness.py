@@ -95,6 +95,7 @@ def decoded_pieces(
     channels: int = ENCODED_CHANNELS,
     max_seconds: float | None = None,
     piece_frames: int = DECODE_PIECE_FRAMES,
+    purpose: str = "",
 ) -> Iterator[np.ndarray]:
     """Decode any file ffmpeg reads, yielding float32 ``[channels, n]`` pieces as ffmpeg produces them.
 
@@ -109,6 +110,7 @@ def decoded_pieces(
         max_seconds: stop decoding after this many seconds (None: the whole file), so a
             caller with a length limit need not decode hours to find a file too long.
         piece_frames: samples per channel in each piece (the last may be shorter).
+        purpose: what the decoding is for, for the error message (" to measure its peak").
 
     Raises:
         ExportError: ffmpeg could not decode the file (its stderr is included).
@@ -136,7 +138,7 @@ def decoded_pieces(
         if returncode != 0:
             errors.seek(0)
             stderr = errors.read().decode("utf-8", "replace").strip()
-            raise ExportError(f"could not decode {path}: {stderr}")
+            raise ExportError(f"could not decode {path}{purpose}: {stderr}")
 
 
 def decode_audio(
@@ -171,7 +173,7 @@ def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -
         dBTP.
     """
     meter = TruePeakMeter(ENCODED_CHANNELS, circular=circular)
-    for piece in decoded_pieces(path):
+    for piece in decoded_pieces(path, purpose=" to measure its peak"):
         meter.feed(piece)
     return meter.true_peak_dbtp()
 

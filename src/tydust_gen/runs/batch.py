@@ -353,8 +353,8 @@ def source_failed(plan: TrackPlan, source: TrackPlan, source_results: list[Track
 
     Continuing the previous run's file instead would silently join two runs' music.
     """
-    first = next((r for r in source_results if r.name == source.takes[0]), None)
-    if first is None or first.ok:
+    # a whole track that failed is one result under the track's name, not one per take
+    if any(r.ok and r.name == source.takes[0] for r in source_results):
         return None
     error = (
         f"it continues {source.spec.name}, which failed in this run; "
