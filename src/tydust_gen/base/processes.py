@@ -113,6 +113,23 @@ def run_in_background() -> None:
         _background.lowered = True
 
 
+def release_free_memory() -> bool:
+    """Hand memory the process has freed back to the system (glibc's ``malloc_trim``); False elsewhere.
+
+    glibc keeps freed blocks of a few MB (the decoder's per-window caches) in its heap for reuse, so a
+    stage that follows a large one starts from the large one's high-water mark: without this, EnCodec
+    decoding of a 35 s track began 0.45 GiB above the loaded model. Cheap (milliseconds).
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        return False
+
+
 def widen_pipe(pipe: Any, size: int) -> None:
     """Ask for a pipe buffer of ``size`` bytes (Linux ``F_SETPIPE_SZ``), so a child writing into it can run
     ahead of a reader busy with what it read; elsewhere, or when refused, the default (64 KB) stays."""
