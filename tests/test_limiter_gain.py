@@ -23,15 +23,6 @@ SR = 44_100
 TOLERANCE = 1e-5  # linear gain; the dense curve's e^-12 tails
 
 
-def _moving_average(x: np.ndarray, length: int) -> np.ndarray:
-    csum = np.cumsum(np.concatenate(([0.0], x)))
-    out = np.empty_like(x)
-    out[length - 1 :] = (csum[length:] - csum[:-length]) / length
-    head = np.arange(1, min(length - 1, x.size) + 1)
-    out[: head.size] = csum[1 : head.size + 1] / head
-    return out
-
-
 def reference_gain(env, ceiling, sample_rate, lookahead_s=master.LIMITER_LOOKAHEAD_S,
                    release_s=master.LIMITER_RELEASE_S, circular=False):  # fmt: skip
     from scipy.ndimage import minimum_filter1d
@@ -56,7 +47,7 @@ def reference_gain(env, ceiling, sample_rate, lookahead_s=master.LIMITER_LOOKAHE
     released = np.exp(idx * log_a + np.maximum.accumulate(log_d - idx * log_a))
     gain = 10.0 ** (-released / 20.0)
     half = (look + 1) // 2
-    smooth = _moving_average(_moving_average(gain, half), half)
+    smooth = master._moving_average(master._moving_average(gain, half), half)  # unchanged by the stretch computation
     return np.minimum(smooth[pad : pad + n], 1.0).astype(np.float32)
 
 
