@@ -145,11 +145,12 @@ class MasterResult:
     target_reached: bool
 
 
-def as_audio(samples: Any) -> np.ndarray:
-    """Return ``samples`` as a C-contiguous float32 ``[C, N]`` array (a copy)."""
+def as_audio(samples: Any, *, copy: bool = True) -> np.ndarray:
+    """Return ``samples`` as a C-contiguous float32 ``[C, N]`` array (a copy), checked: 2-D (1-D is one
+    channel) and finite. ``copy=False``: the checked array as it is (any float dtype), for readers."""
     if hasattr(samples, "detach"):  # a torch tensor, e.g. Waveform.samples
         samples = samples.detach().cpu().numpy()
-    audio = np.array(samples, dtype=np.float32, copy=True)
+    audio = np.array(samples, dtype=np.float32, copy=True) if copy else np.asarray(samples)
     if audio.ndim == 1:
         audio = audio[np.newaxis, :]
     if audio.ndim != 2 or audio.shape[0] < 1:
@@ -242,14 +243,8 @@ def measure_loudness(samples: Any, sample_rate: int) -> float:
     import pyloudnorm
     from scipy.signal import sosfilt
 
-    audio = np.asarray(samples.detach().cpu().numpy() if hasattr(samples, "detach") else samples)
-    if audio.ndim == 1:
-        audio = audio[np.newaxis, :]
+    audio = as_audio(samples, copy=False)  # read only; the filter makes its own float64 copy
     channels = audio.shape[0]
-    if audio.ndim != 2 or channels < 1:
-        raise ValueError(f"audio must be shaped [channels, samples], got shape {audio.shape}")
-    if not np.isfinite(audio).all():
-        raise ValueError("audio contains NaN or infinite samples")
     if channels > len(_BS1770_CHANNEL_WEIGHTS):
         raise ValueError(f"loudness is defined for at most {len(_BS1770_CHANNEL_WEIGHTS)} channels, got {channels}")
     min_len = int(math.ceil(MIN_LOUDNESS_BLOCK_S * sample_rate)) + 1
