@@ -42,6 +42,7 @@ not implemented; :func:`check_supported` refuses configs that set them.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -358,8 +359,15 @@ def _open_window(prep: _Prepared, cond: Conditioning, length: int) -> _Window:
     shape = (rows, prep.num_heads, length, prep.head_dim)
     # Zeroed, not empty: the CUDA-graph step reads the whole cache under a mask, and
     # masked garbage (NaN) would still poison the weighted sum (0 x NaN = NaN).
-    self_k = [torch.zeros(shape, dtype=prep.dtype, device=prep.device) for _ in prep.layers]
-    self_v = [torch.zeros(shape, dtype=prep.dtype, device=prep.device) for _ in prep.layers]
+    # One allocation for every layer's keys and values, viewed per layer: on the CPU a block this
+    # large is its own mapping, returned to the system when the window ends. As 2 x layers blocks
+    # of ~13 MB each, glibc could keep them in its heap after the window and the next window's
+    # blocks land elsewhere: a 90 s track then peaked 0.6 GiB higher (docs/BENCHMARKS.md).
+    per_layer = math.prod(shape)
+    store = torch.zeros(2 * len(prep.layers) * per_layer, dtype=prep.dtype, device=prep.device)
+    views = [store[i * per_layer : (i + 1) * per_layer].view(shape) for i in range(2 * len(prep.layers))]
+    self_k, self_v = views[0::2], views[1::2]
+    del store, views
     cross_k, cross_v = [], []
     for layer in prep.layers:
         kv_shape = (rows, text_len, prep.num_heads, prep.head_dim)

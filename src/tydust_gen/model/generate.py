@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-from tydust_gen.base import memory, signals
+from tydust_gen.base import memory, processes, signals
 from tydust_gen.base.errors import GenerationError, SettingsError
 from tydust_gen.base.settings import GenerationSettings, SamplingSettings
 from tydust_gen.model.conditioning import Conditioning, SectionConditioning
@@ -294,6 +294,8 @@ def _generate_batch(
                     f"the {backend.name} backend returned {new.shape[-1]} frames instead of {w.new_frames}"
                 )
             codes = new if codes is None else torch.cat([codes, new], dim=-1)
+            # the window's cache and working arrays are freed: give them back before the next window's
+            processes.release_free_memory()
     return codes
 
 
