@@ -47,7 +47,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -90,6 +90,9 @@ _LIMITER_RELEASE_SPAN = 12  # release time constants a reduction is followed for
 
 
 LIMITER_MAX_PASSES = 4  # limiter passes while refining the gain into the limiter
+
+
+_RESCAN_ALL_ABOVE = 0.5  # limited a larger share of the samples than this: measure the whole output again
 
 
 MIN_LOUDNESS_BLOCK_S = 0.4  # s; BS.1770 gating block; shorter audio is padded with silence
@@ -240,37 +243,114 @@ def measure_loudness(samples: Any, sample_rate: int) -> float:
         LUFS; ``-inf`` for silence (everything below the absolute gate). Audio
         shorter than one 400 ms gating block is measured as if padded with silence.
     """
-    import pyloudnorm
-    from scipy.signal import sosfilt
+    return _LoudnessBlocks.measure(samples, sample_rate).lufs
 
-    audio = as_audio(samples, copy=False)  # read only; the filter makes its own float64 copy
-    channels = audio.shape[0]
-    if channels > len(_BS1770_CHANNEL_WEIGHTS):
-        raise ValueError(f"loudness is defined for at most {len(_BS1770_CHANNEL_WEIGHTS)} channels, got {channels}")
-    min_len = int(math.ceil(MIN_LOUDNESS_BLOCK_S * sample_rate)) + 1
-    if audio.shape[1] < min_len:
-        audio = np.pad(audio, ((0, 0), (0, min_len - audio.shape[1])))
-    meter = pyloudnorm.Meter(sample_rate)
-    sos = np.array([[*(f.passband_gain * f.b), *f.a] for f in meter._filters.values()])
-    weighted = sosfilt(sos, audio.astype(np.float64), axis=1)
-    energy = np.zeros((channels, weighted.shape[1] + 1))
-    np.cumsum(np.square(weighted, out=weighted), axis=1, out=energy[:, 1:])
 
-    block, step = meter.block_size, 1.0 - meter.overlap
-    count = int(np.round((audio.shape[1] / sample_rate - block) / (block * step))) + 1
-    j = np.arange(count)
-    lower = (block * (j * step) * sample_rate).astype(np.int64)  # pyloudnorm's bounds, in the same float steps
-    upper = np.minimum((block * (j * step + 1) * sample_rate).astype(np.int64), audio.shape[1])
-    z = (energy[:, upper] - energy[:, lower]) / (block * sample_rate)  # [C, blocks] mean squares
-    weights = np.array(_BS1770_CHANNEL_WEIGHTS[:channels])[:, np.newaxis]
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no block: silence, -inf below
-        block_lufs = -0.691 + 10.0 * np.log10(np.sum(weights * z, axis=0))
-        above_absolute = block_lufs >= _BS1770_ABSOLUTE_GATE_LUFS
-        relative_gate = -0.691 + 10.0 * np.log10(np.sum(weights * z[:, above_absolute].mean(axis=1, keepdims=True))) - 10.0
-        gated = (block_lufs > relative_gate) & (block_lufs > _BS1770_ABSOLUTE_GATE_LUFS)
-        lufs = float(-0.691 + 10.0 * np.log10(np.sum(weights * np.nan_to_num(z[:, gated].mean(axis=1, keepdims=True)))))
-    return lufs if math.isfinite(lufs) else SILENCE_DB
+@dataclass(frozen=True)
+class _LoudnessBlocks:
+    """The K-weighted energy of audio at its gating blocks' bounds: enough to give its loudness, and that
+    of the same audio changed in a few places (:meth:`changed`) without filtering all of it again.
+
+    Attributes:
+        sos: the K-weighting filters as second-order sections (pyloudnorm's, gains folded in).
+        lower, upper: each block's first and past-last sample (pyloudnorm's bounds).
+        bounds: the sorted distinct values of ``lower`` and ``upper``.
+        energy: ``[C, len(bounds)]`` running sum of the squared K-weighted signal up to each bound.
+        length: samples measured (after padding a short track).
+        sample_rate: Hz.
+        block_samples: samples per block (``0.4 s * rate``, as pyloudnorm divides by).
+    """
+
+    sos: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    bounds: np.ndarray
+    energy: np.ndarray
+    length: int
+    sample_rate: int
+    block_samples: float
+
+    @classmethod
+    def measure(cls, samples: Any, sample_rate: int) -> "_LoudnessBlocks":
+        import pyloudnorm
+        from scipy.signal import sosfilt
+
+        audio = as_audio(samples, copy=False)  # read only; the filter makes its own float64 copy
+        channels = audio.shape[0]
+        if channels > len(_BS1770_CHANNEL_WEIGHTS):
+            raise ValueError(f"loudness is defined for at most {len(_BS1770_CHANNEL_WEIGHTS)} channels, got {channels}")
+        min_len = int(math.ceil(MIN_LOUDNESS_BLOCK_S * sample_rate)) + 1
+        if audio.shape[1] < min_len:
+            audio = np.pad(audio, ((0, 0), (0, min_len - audio.shape[1])))
+        meter = pyloudnorm.Meter(sample_rate)
+        sos = np.array([[*(f.passband_gain * f.b), *f.a] for f in meter._filters.values()])
+        weighted = sosfilt(sos, audio.astype(np.float64), axis=1)
+        energy = np.zeros((channels, weighted.shape[1] + 1))
+        np.cumsum(np.square(weighted, out=weighted), axis=1, out=energy[:, 1:])
+        del weighted
+
+        block, step = meter.block_size, 1.0 - meter.overlap
+        count = int(np.round((audio.shape[1] / sample_rate - block) / (block * step))) + 1
+        j = np.arange(count)
+        lower = (block * (j * step) * sample_rate).astype(np.int64)  # pyloudnorm's bounds, in the same float steps
+        upper = np.minimum((block * (j * step + 1) * sample_rate).astype(np.int64), audio.shape[1])
+        bounds = np.union1d(lower, upper)
+        return cls(sos, lower, upper, bounds, energy[:, bounds], audio.shape[1], sample_rate, block * sample_rate)
+
+    @property
+    def lufs(self) -> float:
+        """Gated integrated loudness, LUFS (``-inf`` for silence)."""
+        at = np.searchsorted(self.bounds, self.lower), np.searchsorted(self.bounds, self.upper)
+        z = (self.energy[:, at[1]] - self.energy[:, at[0]]) / self.block_samples  # [C, blocks] mean squares
+        channels = self.energy.shape[0]
+        weights = np.array(_BS1770_CHANNEL_WEIGHTS[:channels])[:, np.newaxis]
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no block: silence, -inf below
+            block_lufs = -0.691 + 10.0 * np.log10(np.sum(weights * z, axis=0))
+            above_absolute = block_lufs >= _BS1770_ABSOLUTE_GATE_LUFS
+            relative_gate = -0.691 + 10.0 * np.log10(np.sum(weights * z[:, above_absolute].mean(axis=1, keepdims=True))) - 10.0
+            gated = (block_lufs > relative_gate) & (block_lufs > _BS1770_ABSOLUTE_GATE_LUFS)
+            lufs = float(-0.691 + 10.0 * np.log10(np.sum(weights * np.nan_to_num(z[:, gated].mean(axis=1, keepdims=True)))))
+        return lufs if math.isfinite(lufs) else SILENCE_DB
+
+    def settle_samples(self) -> int:
+        """Samples after which the K-weighting filters have forgotten a change: e^-60 of it (their slowest
+        pole; the double pole's t·r^t factor still leaves it far below float64 rounding)."""
+        radius = max(float(np.abs(np.roots(section[3:])).max()) for section in self.sos)
+        return int(math.ceil(60.0 / -math.log(radius))) if radius < 1.0 else self.length
+
+    def changed(self, scale: float, before: np.ndarray, after: np.ndarray, runs: list[tuple[int, int]]) -> "_LoudnessBlocks":
+        """These blocks' energies for ``after``, where ``before`` is this audio times ``scale`` and ``after``
+        differs from ``before`` only inside ``runs`` (``[(start, stop), ...]``, sorted, in ``[0, N)``).
+
+        The K-weighting is linear: the filtered ``after`` is the filtered ``before`` plus the filtered
+        difference, which is zero before a run starts and has died away
+        :meth:`settle_samples` after it ends. So only the runs (and that much after each) are filtered
+        again, the filtered ``before`` there starting :meth:`settle_samples` earlier from rest; the
+        energies move by the sums of ``(b + d)^2 - b^2`` up to each bound.
+        """
+        from scipy.signal import sosfilt
+
+        settle = self.settle_samples()
+        n = after.shape[1]
+        energy = self.energy * (scale * scale)
+        merged: list[list[int]] = []
+        for a, e in runs:
+            if merged and a < merged[-1][1] + settle:  # the earlier run's change still rings here
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([a, e])
+        for a, e in merged:
+            stop = min(n, e + settle)
+            diff = sosfilt(self.sos, (after[:, a:stop].astype(np.float64) - before[:, a:stop]), axis=1)
+            lead = max(0, a - settle)
+            base = sosfilt(self.sos, before[:, lead:stop].astype(np.float64), axis=1)[:, a - lead :]
+            extra = np.zeros((diff.shape[0], diff.shape[1] + 1))
+            np.cumsum(diff * (2.0 * base + diff), axis=1, out=extra[:, 1:])
+            at = np.clip(self.bounds - a, 0, diff.shape[1])
+            energy += extra[:, at]
+        return _LoudnessBlocks(self.sos, self.lower, self.upper, self.bounds, energy, self.length, self.sample_rate,
+                               self.block_samples)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4)
@@ -366,6 +446,65 @@ def _reconstructed_peaks(signal, start: int, stop: int, oversample: int):
     bank = torch.from_numpy(_interpolation_bank(oversample)).unsqueeze(1)
     up = torch.nn.functional.conv1d(signal[:, start - span : stop + span].unsqueeze(1), bank)  # [C, phases, n]
     return torch.maximum(up.abs().amax(dim=(0, 1)), signal[:, start:stop].abs().amax(dim=0))
+
+
+def _changed_runs(changed: np.ndarray, reach: int, n: int, circular: bool) -> list[tuple[int, int]]:
+    """Runs ``[(start, stop), ...]`` (sorted, disjoint, inside ``[0, n)``) covering every sorted index in
+    ``changed`` and ``reach`` samples either side of it (wrapping round the ends for a loop)."""
+    if changed.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(changed) > 2 * reach + 1) + 1
+    runs = [(int(c[0]) - reach, int(c[-1]) + reach + 1) for c in np.split(changed, breaks)]
+    pieces: list[tuple[int, int]] = []
+    for a, e in runs:
+        if circular and e - a >= n:
+            return [(0, n)]
+        if circular and a < 0:
+            pieces += [(a + n, n), (0, e)]
+        elif circular and e > n:
+            pieces += [(a, n), (0, e - n)]
+        else:
+            pieces.append((max(a, 0), min(e, n)))
+    pieces.sort()
+    out: list[tuple[int, int]] = []
+    for a, e in pieces:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        elif e > a:
+            out.append((a, e))
+    return out
+
+
+def _peak_after_change(
+    env: np.ndarray, after: np.ndarray, runs: list[tuple[int, int]], *, oversample: int, circular: bool
+) -> float:
+    """The true peak (linear) of ``after``, whose :func:`peak_envelope` is ``env`` outside ``runs``: each
+    run is scanned again, the rest read from ``env``. A sample's reconstruction reads
+    :data:`_PEAK_FILTER_SPAN` neighbours each side, so runs that reach that far past every changed sample
+    give exactly the full scan's values."""
+    import torch
+
+    span, n = _PEAK_FILTER_SPAN, after.shape[1]
+    keep = np.ones(n, dtype=bool)
+    if not runs:
+        return float(env.max(initial=0.0))
+    # Every run with its neighbours, side by side in one array and scanned at once (one correlation of
+    # one shape, not one per run); the positions whose filter straddles two runs are left out.
+    at = np.concatenate([np.arange(a - span, e + span) for a, e in runs])
+    wanted = np.concatenate([np.r_[np.zeros(span, bool), np.ones(e - a, bool), np.zeros(span, bool)] for a, e in runs])
+    if circular:
+        local = after[:, at % n]
+    else:
+        local = np.zeros((after.shape[0], at.size), dtype=np.float32)
+        inside = (at >= 0) & (at < n)
+        local[:, inside] = after[:, at[inside]]
+    with _no_grad():
+        peaks = _reconstructed_peaks(torch.from_numpy(local), span, at.size - span, oversample).numpy()
+    peak = float(peaks[wanted[span:-span]].max())
+    for a, e in runs:
+        keep[a:e] = False
+    rest = env[keep]
+    return max(peak, float(rest.max())) if rest.size else peak
 
 
 class TruePeakMeter:
@@ -621,30 +760,44 @@ def _limit(
     lookahead_s: float,
     release_s: float,
     circular: bool,
-    measure: Callable[[np.ndarray], float] | None = None,
+    loudness: _LoudnessBlocks | None = None,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, float, float, float | None]:
     """:func:`limit_true_peak` of ``audio`` (float32 ``[C, N]``, owned) whose envelope is ``env``.
 
-    ``measure``, when given, is a level in dB (the integrated loudness) taken of the limited audio in
-    a second thread while its true peak is scanned, and returned as the fourth value, moved by the
-    final static trim if there is one. Returns ``(limited, max_gain_reduction_db, true_peak_dbtp, level)``.
+    ``loudness``, when given, holds the loudness blocks of the audio ``audio`` is ``scale`` times; the
+    integrated loudness of the limited audio is then returned as the fourth value, moved by the final
+    static trim if there is one. Returns ``(limited, max_gain_reduction_db, true_peak_dbtp, level)``.
+
+    The limiter leaves most samples alone (gain exactly 1): where it changed less than
+    :data:`_RESCAN_ALL_ABOVE` of the track, only what it changed is measured again, the true peak
+    around each changed stretch (:func:`_peak_after_change`) and the loudness blocks it reaches
+    (:meth:`_LoudnessBlocks.changed`); otherwise the whole track is, both at once.
     """
     ceiling = db_to_gain(ceiling_dbtp)
+    n = audio.shape[1]
     if env.size == 0 or env.max() <= ceiling:
-        return audio, 0.0, gain_to_db(float(env.max(initial=0.0))), (measure(audio) if measure else None)
+        level = None if loudness is None else loudness.changed(scale, audio, audio, []).lufs
+        return audio, 0.0, gain_to_db(float(env.max(initial=0.0))), level
     gain = limiter_gain(
         env, ceiling, sample_rate, lookahead_s=lookahead_s, release_s=release_s, circular=circular
     )
     out = audio * gain[np.newaxis, :]
     level: float | None = None
-    if measure is None:
+    changed = np.flatnonzero(gain != 1.0)
+    if changed.size <= _RESCAN_ALL_ABOVE * n and (loudness is None or loudness.length == n):
+        runs = _changed_runs(changed, _PEAK_FILTER_SPAN, n, circular)
+        peak = _peak_after_change(env, out, runs, oversample=TRUE_PEAK_OVERSAMPLE, circular=circular)
+        if loudness is not None:
+            level = loudness.changed(scale, audio, out, _changed_runs(changed, 0, n, False)).lufs
+    elif loudness is None:
         peak = float(peak_envelope(out, circular=circular).max())
     else:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tydust-loudness") as pool:
-            measured = pool.submit(measure, out)  # scipy's filter releases the GIL; the scan runs on torch's threads
-            peak = float(peak_envelope(out, circular=circular).max())
+            measured = pool.submit(measure_loudness, out, sample_rate)  # scipy's filter releases the GIL
+            peak = float(peak_envelope(out, circular=circular).max())  # the scan runs on torch's threads
             level = measured.result()
     # The gain's own modulation can leave a few hundredths of a dB; trim it statically. A static gain
     # scales the reconstruction as exactly as the samples (it is linear): float32 rounding moves the true
@@ -732,9 +885,10 @@ def master(
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tydust-loudness") as pool:
-        loudness = pool.submit(measure_loudness, audio, sample_rate)  # while the true peak is scanned
+        blocks = pool.submit(_LoudnessBlocks.measure, audio, sample_rate)  # while the true peak is scanned
         in_env = peak_envelope(audio, circular=circular)
-        in_lufs = loudness.result()
+        in_blocks = blocks.result()
+    in_lufs = in_blocks.lufs
     in_tp = gain_to_db(float(in_env.max(initial=0.0)))
     limit_db = ceiling_dbtp - margin_db
 
@@ -790,7 +944,7 @@ def master(
         g = db_to_gain(gain_db)
         limited, reduction_db, out_tp, out_lufs = _limit(
             audio * np.float32(g), sample_rate, limit_db, in_env * np.float32(g), LIMITER_LOOKAHEAD_S,
-            LIMITER_RELEASE_S, circular, measure=lambda x: measure_loudness(x, sample_rate),
+            LIMITER_RELEASE_S, circular, loudness=in_blocks, scale=float(np.float32(g)),
         )  # fmt: skip
         best = (gain_db, limited, reduction_db, out_lufs, out_tp)
         shortfall = target_lufs - out_lufs
