@@ -247,9 +247,9 @@ def main() -> None:
         row = measure(kind, s, args.threads)
         rows.append(row)
         extra = {k: v for k, v in row.items() if k not in ("kind", "seconds", "peak_rss_mb")}
-        print(f"  {kind:9s} {s:6g} s  peak RSS {row['peak_rss_mb'] / 1024:6.2f} GB   {json.dumps(extra)}", flush=True)
+        print(f"  {kind:9s} {s:6g} s  peak RSS {row['peak_rss_mb'] / 1024:6.2f} GiB ({row['peak_rss_mb'] * 1024**2 / 1e9:.2f} GB)   {json.dumps(extra)}", flush=True)
     children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    print(f"largest peak RSS of any child (RUSAGE_CHILDREN): {children_max / 1024:.2f} GB")
+    print(f"largest peak RSS of any child (RUSAGE_CHILDREN): {children_max / 1024:.2f} GiB ({children_max * 1024**2 / 1e9:.2f} GB)")
     print(json.dumps({"runs": rows}))
 
 
