@@ -107,22 +107,3 @@ def test_the_result_is_given_once_and_then_the_meter_is_closed():
     assert meter.true_peak_dbtp() == first == pytest.approx(master.true_peak(audio, circular=True), abs=1e-5)
     with pytest.raises(ValueError, match="feed a new one"):
         meter.feed(audio)
-
-
-@pytest.mark.parametrize("phase", range(master.TRUE_PEAK_OVERSAMPLE))
-def test_a_peak_only_scan_never_skips_the_worst_case_overshoot(phase):
-    """Samples whose signs follow one phase of the interpolator reconstruct to the sum of its absolute taps
-    times their level, the most a reconstruction can exceed its samples by: the block skipping of
-    ``_peak_max`` must still find that value, even with a floor a hair below it."""
-    span = master._PEAK_FILTER_SPAN
-    bank = master._interpolation_bank(master.TRUE_PEAK_OVERSAMPLE)
-    signal = np.zeros((1, 4000), np.float32)
-    c = 1777
-    signal[0, c - span : c + span + 1] = 0.5 * np.sign(bank[phase])
-    full = float(master.peak_envelope(signal).max())
-    assert full > 0.5 * 1.2  # far above every sample
-    padded = np.pad(signal, ((0, 0), (span, span)))
-    n = signal.shape[1]
-    assert master._peak_max(padded, span, span + n, master.TRUE_PEAK_OVERSAMPLE) == pytest.approx(full, rel=1e-6)
-    floor = full * (1 - 1e-6)
-    assert master._peak_max(padded, span, span + n, master.TRUE_PEAK_OVERSAMPLE, floor=floor) == pytest.approx(full, rel=1e-6)

@@ -74,9 +74,6 @@ _PEAK_SCAN_BLOCK = 1 << 16  # samples per block of the true-peak scan (1.5 s at 
 _PEAK_FILTER_SPAN = 10  # input samples each side of the true-peak interpolation filter (as resample_poly)
 
 
-_PEAK_SKIP_BLOCK = 256  # positions per block a peak-only scan reconstructs or skips as a whole
-
-
 LIMITER_LOOKAHEAD_S = 0.005  # s; long enough for a smooth attack, short enough not to pump
 
 
@@ -451,47 +448,6 @@ def _reconstructed_peaks(signal, start: int, stop: int, oversample: int):
     return torch.maximum(up.abs().amax(dim=(0, 1)), signal[:, start:stop].abs().amax(dim=0))
 
 
-@functools.lru_cache(maxsize=4)
-def _reconstruction_bound(oversample: int) -> float:
-    """How far above the largest sample it reads a reconstructed value can reach: the largest sum of
-    absolute taps of the bank's phases (at least 1: the samples themselves count), with a hair for rounding."""
-    taps = np.abs(_interpolation_bank(oversample).astype(np.float64)).sum(axis=1).max()
-    return max(1.0, float(taps)) * (1.0 + 1e-5)
-
-
-def _peak_max(signal: np.ndarray, first: int, stop: int, oversample: int, floor: float = 0.0) -> float:
-    """``max(floor, largest true-peak envelope value of signal [C, L] at positions [first, stop))``, exactly.
-
-    Only the largest value is wanted, so a block of :data:`_PEAK_SKIP_BLOCK` positions is reconstructed
-    only if it could beat the best value known: no reconstructed value exceeds the largest sample its
-    filter reads times :func:`_reconstruction_bound`. On mastered music, whose samples mostly sit well
-    below its peaks, that leaves a small share of the blocks. The neighbours the filter reads must lie in
-    ``signal`` (``first >= span``, ``stop <= L - span``).
-    """
-    import torch
-    from scipy.ndimage import maximum_filter1d
-
-    span = _PEAK_FILTER_SPAN
-    if stop <= first:
-        return floor
-    magnitude = np.abs(signal).max(axis=0)
-    best = max(floor, float(magnitude[first:stop].max()))
-    # the largest sample each position's filter reads: x[n - span .. n + span]
-    reach = maximum_filter1d(magnitude[first - span : stop + span], 2 * span + 1)[span : span + stop - first]
-    size = _PEAK_SKIP_BLOCK
-    blocks = -(-reach.size // size)
-    tops = np.zeros(blocks * size, dtype=reach.dtype)
-    tops[: reach.size] = reach
-    todo = np.flatnonzero(tops.reshape(blocks, size).max(axis=1) * _reconstruction_bound(oversample) > best)
-    if todo.size:
-        torch_signal = torch.from_numpy(np.ascontiguousarray(signal))
-        with _no_grad():
-            for run in np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1):
-                a, e = first + int(run[0]) * size, min(stop, first + (int(run[-1]) + 1) * size)
-                best = max(best, float(_reconstructed_peaks(torch_signal, a, e, oversample).max()))
-    return best
-
-
 def _changed_runs(changed: np.ndarray, reach: int, n: int, circular: bool) -> list[tuple[int, int]]:
     """Runs ``[(start, stop), ...]`` (sorted, disjoint, inside ``[0, n)``) covering every sorted index in
     ``changed`` and ``reach`` samples either side of it (wrapping round the ends for a loop)."""
@@ -526,23 +482,29 @@ def _peak_after_change(
     run is scanned again, the rest read from ``env``. A sample's reconstruction reads
     :data:`_PEAK_FILTER_SPAN` neighbours each side, so runs that reach that far past every changed sample
     give exactly the full scan's values."""
+    import torch
+
     span, n = _PEAK_FILTER_SPAN, after.shape[1]
     keep = np.ones(n, dtype=bool)
+    if not runs:
+        return float(env.max(initial=0.0))
+    # Every run with its neighbours, side by side in one array and scanned at once (one correlation of
+    # one shape, not one per run); the positions whose filter straddles two runs are left out.
+    at = np.concatenate([np.arange(a - span, e + span) for a, e in runs])
+    wanted = np.concatenate([np.r_[np.zeros(span, bool), np.ones(e - a, bool), np.zeros(span, bool)] for a, e in runs])
+    if circular:
+        local = after[:, at % n]
+    else:
+        local = np.zeros((after.shape[0], at.size), dtype=np.float32)
+        inside = (at >= 0) & (at < n)
+        local[:, inside] = after[:, at[inside]]
+    with _no_grad():
+        peaks = _reconstructed_peaks(torch.from_numpy(local), span, at.size - span, oversample).numpy()
+    peak = float(peaks[wanted[span:-span]].max())
     for a, e in runs:
         keep[a:e] = False
     rest = env[keep]
-    peak = float(rest.max()) if rest.size else 0.0
-    for a, e in runs:
-        if circular:
-            local = after[:, np.arange(a - span, e + span) % n]
-        elif a >= span and e + span <= n:
-            local = after[:, a - span : e + span]
-        else:
-            local = np.zeros((after.shape[0], e - a + 2 * span), dtype=np.float32)
-            lo, hi = max(a - span, 0), min(e + span, n)
-            local[:, lo - (a - span) : hi - (a - span)] = after[:, lo:hi]
-        peak = _peak_max(local, span, span + e - a, oversample, floor=peak)
-    return peak
+    return max(peak, float(rest.max())) if rest.size else peak
 
 
 class TruePeakMeter:
@@ -582,9 +544,14 @@ class TruePeakMeter:
         self._scan(np.concatenate((self._tail, piece), axis=1), first=_PEAK_FILTER_SPAN)
 
     def _scan(self, seg: np.ndarray, first: int, right: int | None = None) -> None:
+        import torch
+
         span = _PEAK_FILTER_SPAN
         stop = seg.shape[1] - span if right is None else right
-        self._peak = _peak_max(seg, first, stop, self._oversample, floor=self._peak)
+        if stop > first:
+            with _no_grad():
+                peaks = _reconstructed_peaks(torch.from_numpy(np.ascontiguousarray(seg)), first, stop, self._oversample)
+                self._peak = max(self._peak, float(peaks.max()))
         self._tail = seg[:, max(stop, first) - span :]
 
     def true_peak_dbtp(self) -> float:
