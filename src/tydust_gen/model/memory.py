@@ -3,8 +3,10 @@
 A run holds the weights (every parameter and buffer in the run's dtype), the
 decoder's key/value cache of one window (self-attention over the window's
 positions, cross-attention over the text, for 2 rows per take with guidance),
-the EnCodec decode of a whole track (one call per take, its activations grow
-with the track's length) and the runtime itself. :func:`check_fits` refuses,
+the EnCodec decode of a take (in windows: a fixed working set plus buffers that
+grow slowly with the track's length) and the runtime itself. Generation and decoding
+do not overlap, so the sum is on the safe side: 4.5 GB for a 90 s musicgen-small
+track on the CPU, whose measured peak is 3.97 GB (docs/BENCHMARKS.md). :func:`check_fits` refuses,
 with the figures, a run that would not fit the device's free memory, so
 ``-medium`` or ``-large`` fails in a second instead of swapping or dying in the
 middle of a track; ``doctor`` lists which checkpoint sizes fit this machine.
@@ -21,9 +23,13 @@ from typing import Any
 from tydust_gen.base import processes
 from tydust_gen.base.errors import DeviceError
 
-#: EnCodec decode of one take on the CPU, fp32, bytes per second of audio: the peak RSS of a 90 s
-#: track minus that of a 60 s one (8.6 − 6.9 GB, FACTS.md) over the 30 s between them.
-DECODE_BYTES_PER_SECOND = 57 * 1000**2
+#: EnCodec decode of one take, in windows (``model/generate.py: decode_codes``): bytes per second of
+#: audio for the whole-track buffers it keeps (the frame-rate embeddings and LSTM input/output, and the
+#: output), and the windows' working set besides. From bench/memory_bench.py on full-size random
+#: musicgen-small, CPU fp32 (docs/BENCHMARKS.md): the decode's peak over the loaded model was
+#: 0.49 GiB for 90 s and 0.82 GiB for 600 s, i.e. ~0.68 MB/s plus ~0.46 GB; rounded up.
+DECODE_BYTES_PER_SECOND = 700 * 1000
+DECODE_WINDOWS_BYTES = 500 * 1000**2
 #: torch, transformers, the tokenizer and allocator slack beside the weights: musicgen-small's
 #: stock-backend peak RSS for 5 s (3.2 GB, FACTS.md) minus its fp32 weights (2.36 GB), rounded up.
 RUNTIME_BYTES = 1000**3
@@ -94,13 +100,13 @@ def estimate(
 
     Args:
         rows: decoder rows per step: takes × 2 with guidance.
-        duration_s: the longest track of the run (EnCodec decodes a take at once; a stereo
+        duration_s: the longest track of the run (EnCodec decodes one take at a time; a stereo
             take decodes left, then right, so its peak is that of one side).
         fixed_bytes: weights whose size does not follow the dtype (integer buffers).
     """
     weights = params * dtype_bytes + fixed_bytes
     cache = 2 * layers * rows * (WINDOW_POSITIONS + TEXT_TOKENS) * hidden * dtype_bytes
-    decode = int(duration_s * DECODE_BYTES_PER_SECOND) + RUNTIME_BYTES
+    decode = int(duration_s * DECODE_BYTES_PER_SECOND) + DECODE_WINDOWS_BYTES + RUNTIME_BYTES
     return MemoryEstimate(weights, cache, decode)
 
 
