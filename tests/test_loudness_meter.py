@@ -57,6 +57,27 @@ def test_the_meter_is_pyloudnorms(case):
         assert got == pytest.approx(want, abs=1e-6)
 
 
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gated_audio(), st.integers(1, 5000))
+def test_the_meter_in_pieces_is_the_whole_track_meter(case, piece):
+    """The meter filters and sums a long track a piece at a time (bounded memory); with pieces of any size,
+    block bounds on and next to the cuts, it must give exactly what one whole-track pass gives."""
+    audio, rate = case
+    whole = master._LoudnessBlocks.measure(audio, rate)
+    saved = master._LOUDNESS_PIECE
+    master._LOUDNESS_PIECE = piece
+    try:
+        pieces = master._LoudnessBlocks.measure(audio, rate)
+    finally:
+        master._LOUDNESS_PIECE = saved
+    np.testing.assert_allclose(pieces.energy, whole.energy, rtol=1e-12, atol=0)
+    want = reference(audio, rate)
+    if math.isinf(want):
+        assert pieces.lufs == want
+    else:
+        assert pieces.lufs == pytest.approx(want, abs=1e-6)
+
+
 def test_the_relative_gate_is_pyloudnorms():
     """Steps of 1 dB from 0 to -15 dB: some blocks fall just above and some just under the relative gate."""
     rng = np.random.default_rng(3)

@@ -92,6 +92,9 @@ _LIMITER_RELEASE_SPAN = 12  # release time constants a reduction is followed for
 LIMITER_MAX_PASSES = 4  # limiter passes while refining the gain into the limiter
 
 
+_LOUDNESS_PIECE = 1 << 18  # samples per channel the loudness meter filters at a time (6 s at 44.1 kHz)
+
+
 _RESCAN_ALL_ABOVE = 0.5  # limited a larger share of the samples than this: measure the whole output again
 
 
@@ -284,18 +287,28 @@ class _LoudnessBlocks:
             audio = np.pad(audio, ((0, 0), (0, min_len - audio.shape[1])))
         meter = pyloudnorm.Meter(sample_rate)
         sos = np.array([[*(f.passband_gain * f.b), *f.a] for f in meter._filters.values()])
-        weighted = sosfilt(sos, audio.astype(np.float64), axis=1)
-        energy = np.zeros((channels, weighted.shape[1] + 1))
-        np.cumsum(np.square(weighted, out=weighted), axis=1, out=energy[:, 1:])
-        del weighted
-
         block, step = meter.block_size, 1.0 - meter.overlap
-        count = int(np.round((audio.shape[1] / sample_rate - block) / (block * step))) + 1
+        n = audio.shape[1]
+        count = int(np.round((n / sample_rate - block) / (block * step))) + 1
         j = np.arange(count)
         lower = (block * (j * step) * sample_rate).astype(np.int64)  # pyloudnorm's bounds, in the same float steps
-        upper = np.minimum((block * (j * step + 1) * sample_rate).astype(np.int64), audio.shape[1])
+        upper = np.minimum((block * (j * step + 1) * sample_rate).astype(np.int64), n)
         bounds = np.union1d(lower, upper)
-        return cls(sos, lower, upper, bounds, energy[:, bounds], audio.shape[1], sample_rate, block * sample_rate)
+
+        # The filters and the running sum go through the track a piece at a time, each piece starting from
+        # the state the last one left (the same operations in the same order as one whole-track pass), so
+        # the float64 working arrays are a piece long: a 600 s stereo track would need 1.3 GB at once.
+        energy = np.zeros((channels, bounds.size))
+        state = np.zeros((sos.shape[0], channels, 2))
+        total = np.zeros((channels, 1))
+        for start in range(0, n, _LOUDNESS_PIECE):
+            stop = min(n, start + _LOUDNESS_PIECE)
+            weighted, state = sosfilt(sos, audio[:, start:stop].astype(np.float64), axis=1, zi=state)
+            running = np.cumsum(np.concatenate((total, np.square(weighted, out=weighted)), axis=1), axis=1)
+            inside = (bounds >= start) & (bounds <= stop)
+            energy[:, inside] = running[:, bounds[inside] - start]
+            total = running[:, -1:]
+        return cls(sos, lower, upper, bounds, energy, n, sample_rate, block * sample_rate)
 
     @property
     def lufs(self) -> float:
