@@ -132,11 +132,13 @@ def test_limiting_music_gives_the_figures_of_a_full_measurement(monkeypatch, see
     def limit():
         blocks = master._LoudnessBlocks.measure(x, RATE)
         return master._limit(
-            x * g, RATE, -1.0, env * g, master.LIMITER_LOOKAHEAD_S, master.LIMITER_RELEASE_S, circular,
+            x, RATE, -1.0, env * g, master.LIMITER_LOOKAHEAD_S, master.LIMITER_RELEASE_S, circular,
             loudness=blocks, scale=float(g),
         )  # fmt: skip
 
+    untouched = x.copy()
     out, reduction, tp, level = limit()
+    np.testing.assert_array_equal(x, untouched)  # the input is only read (the output is made in a copy)
     touched = np.mean(master.limiter_gain(env * g, master.db_to_gain(-1.0), RATE, circular=circular) != 1.0)
     assert 0 < touched < master._RESCAN_ALL_ABOVE  # the shortcut ran
     monkeypatch.setattr(master, "_RESCAN_ALL_ABOVE", -1.0)

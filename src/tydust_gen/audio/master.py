@@ -332,9 +332,14 @@ class _LoudnessBlocks:
         radius = max(float(np.abs(np.roots(section[3:])).max()) for section in self.sos)
         return int(math.ceil(60.0 / -math.log(radius))) if radius < 1.0 else self.length
 
-    def changed(self, scale: float, before: np.ndarray, after: np.ndarray, runs: list[tuple[int, int]]) -> "_LoudnessBlocks":
+    def changed(
+        self, scale: float, before: np.ndarray, after: np.ndarray, runs: list[tuple[int, int]], *,
+        before_factor: float | None = None,
+    ) -> "_LoudnessBlocks":  # fmt: skip
         """These blocks' energies for ``after``, where ``before`` is this audio times ``scale`` and ``after``
         differs from ``before`` only inside ``runs`` (``[(start, stop), ...]``, sorted, in ``[0, N)``).
+        With ``before_factor``, ``before`` is given unscaled and each stretch is scaled by it as needed
+        (the float32 products, exactly the values of the scaled audio).
 
         The K-weighting is linear: the filtered ``after`` is the filtered ``before`` plus the filtered
         difference, which is zero before a run starts and has died away
@@ -355,9 +360,10 @@ class _LoudnessBlocks:
                 merged.append([a, e])
         for a, e in merged:
             stop = min(n, e + settle)
-            diff = sosfilt(self.sos, (after[:, a:stop].astype(np.float64) - before[:, a:stop]), axis=1)
             lead = max(0, a - settle)
-            base = sosfilt(self.sos, before[:, lead:stop].astype(np.float64), axis=1)[:, a - lead :]
+            scaled = before[:, lead:stop] if before_factor is None else before[:, lead:stop] * np.float32(before_factor)
+            diff = sosfilt(self.sos, (after[:, a:stop].astype(np.float64) - scaled[:, a - lead :]), axis=1)
+            base = sosfilt(self.sos, scaled.astype(np.float64), axis=1)[:, a - lead :]
             extra = np.zeros((diff.shape[0], diff.shape[1] + 1))
             np.cumsum(diff * (2.0 * base + diff), axis=1, out=extra[:, 1:])
             at = np.clip(self.bounds - a, 0, diff.shape[1])
@@ -423,15 +429,15 @@ def peak_envelope(
     if oversample <= 1:
         return np.max(np.abs(audio), axis=0)
     span = _PEAK_FILTER_SPAN
-    padded = torch.from_numpy(np.pad(audio, ((0, 0), (span, span)), mode="wrap" if circular else "constant"))
     env = np.empty(n, dtype=np.float32)
     out = torch.from_numpy(env)
     with _no_grad():
         # Block by block, each with its own real neighbours: a few MB of oversampled signal at a time
-        # instead of 4 bytes x oversample x N per channel (0.8 GB for 600 s of stereo).
+        # instead of 4 bytes x oversample x N per channel (0.8 GB for 600 s of stereo), and no padded copy.
         for start in range(0, n, _PEAK_SCAN_BLOCK):
             stop = min(n, start + _PEAK_SCAN_BLOCK)
-            out[start:stop] = _reconstructed_peaks(padded, span + start, span + stop, oversample)
+            signal = torch.from_numpy(_with_neighbours(audio, start - span, stop + span, circular))
+            out[start:stop] = _reconstructed_peaks(signal, span, span + stop - start, oversample)
     return env
 
 
@@ -488,36 +494,41 @@ def _changed_runs(changed: np.ndarray, reach: int, n: int, circular: bool) -> li
     return out
 
 
+def _with_neighbours(audio: np.ndarray, lo: int, hi: int, circular: bool) -> np.ndarray:
+    """``audio[:, lo:hi]`` where ``lo`` or ``hi`` may lie past the ends: silence there, or for a loop the
+    other end (a view when both lie inside, otherwise a small copy)."""
+    n = audio.shape[1]
+    if lo >= 0 and hi <= n:
+        return audio[:, lo:hi]
+    if circular:
+        return audio[:, np.arange(lo, hi) % n]
+    out = np.zeros((audio.shape[0], hi - lo), dtype=audio.dtype)
+    a, e = max(lo, 0), min(hi, n)
+    if e > a:
+        out[:, a - lo : e - lo] = audio[:, a:e]
+    return out
+
+
 def _peak_after_change(
     env: np.ndarray, after: np.ndarray, runs: list[tuple[int, int]], *, oversample: int, circular: bool
 ) -> float:
     """The true peak (linear) of ``after``, whose :func:`peak_envelope` is ``env`` outside ``runs``: each
     run is scanned again, the rest read from ``env``. A sample's reconstruction reads
     :data:`_PEAK_FILTER_SPAN` neighbours each side, so runs that reach that far past every changed sample
-    give exactly the full scan's values."""
+    give exactly the full scan's values. Runs are scanned in blocks, as :func:`peak_envelope` scans."""
     import torch
 
-    span, n = _PEAK_FILTER_SPAN, after.shape[1]
-    keep = np.ones(n, dtype=bool)
-    if not runs:
-        return float(env.max(initial=0.0))
-    # Every run with its neighbours, side by side in one array and scanned at once (one correlation of
-    # one shape, not one per run); the positions whose filter straddles two runs are left out.
-    at = np.concatenate([np.arange(a - span, e + span) for a, e in runs])
-    wanted = np.concatenate([np.r_[np.zeros(span, bool), np.ones(e - a, bool), np.zeros(span, bool)] for a, e in runs])
-    if circular:
-        local = after[:, at % n]
-    else:
-        local = np.zeros((after.shape[0], at.size), dtype=np.float32)
-        inside = (at >= 0) & (at < n)
-        local[:, inside] = after[:, at[inside]]
+    span = _PEAK_FILTER_SPAN
+    keep = np.ones(env.size, dtype=bool)
+    peak = 0.0
     with _no_grad():
-        peaks = _reconstructed_peaks(torch.from_numpy(local), span, at.size - span, oversample).numpy()
-    peak = float(peaks[wanted[span:-span]].max())
-    for a, e in runs:
-        keep[a:e] = False
-    rest = env[keep]
-    return max(peak, float(rest.max())) if rest.size else peak
+        for a, e in runs:
+            keep[a:e] = False
+            for lo in range(a, e, _PEAK_SCAN_BLOCK):
+                hi = min(e, lo + _PEAK_SCAN_BLOCK)
+                signal = torch.from_numpy(_with_neighbours(after, lo - span, hi + span, circular))
+                peak = max(peak, float(_reconstructed_peaks(signal, span, span + hi - lo, oversample).max()))
+    return max(peak, float(env.max(where=keep, initial=0.0)))
 
 
 class TruePeakMeter:
@@ -776,11 +787,13 @@ def _limit(
     loudness: _LoudnessBlocks | None = None,
     scale: float = 1.0,
 ) -> tuple[np.ndarray, float, float, float | None]:
-    """:func:`limit_true_peak` of ``audio`` (float32 ``[C, N]``, owned) whose envelope is ``env``.
+    """:func:`limit_true_peak` of ``audio * scale`` (``audio`` float32 ``[C, N]``, only read; ``scale``
+    a float32 value) whose envelope is ``env``. The scaled audio is never held beside the output: the
+    output is made from it in place, and the stretches the loudness update needs are scaled again.
 
-    ``loudness``, when given, holds the loudness blocks of the audio ``audio`` is ``scale`` times; the
-    integrated loudness of the limited audio is then returned as the fourth value, moved by the final
-    static trim if there is one. Returns ``(limited, max_gain_reduction_db, true_peak_dbtp, level)``.
+    ``loudness``, when given, holds the loudness blocks of ``audio``; the integrated loudness of the
+    limited audio is then returned as the fourth value, moved by the final static trim if there is one.
+    Returns ``(limited, max_gain_reduction_db, true_peak_dbtp, level)``.
 
     The limiter leaves most samples alone (gain exactly 1): where it changed less than
     :data:`_RESCAN_ALL_ABOVE` of the track, only what it changed is measured again, the true peak
@@ -789,20 +802,24 @@ def _limit(
     """
     ceiling = db_to_gain(ceiling_dbtp)
     n = audio.shape[1]
+    factor = np.float32(scale)
+    out = audio * factor
     if env.size == 0 or env.max() <= ceiling:
-        level = None if loudness is None else loudness.changed(scale, audio, audio, []).lufs
-        return audio, 0.0, gain_to_db(float(env.max(initial=0.0))), level
+        level = None if loudness is None else loudness.changed(scale, out, out, []).lufs
+        return out, 0.0, gain_to_db(float(env.max(initial=0.0))), level
     gain = limiter_gain(
         env, ceiling, sample_rate, lookahead_s=lookahead_s, release_s=release_s, circular=circular
     )
-    out = audio * gain[np.newaxis, :]
+    out *= gain[np.newaxis, :]
     level: float | None = None
     changed = np.flatnonzero(gain != 1.0)
     if changed.size <= _RESCAN_ALL_ABOVE * n and (loudness is None or loudness.length == n):
         runs = _changed_runs(changed, _PEAK_FILTER_SPAN, n, circular)
+        del changed
         peak = _peak_after_change(env, out, runs, oversample=TRUE_PEAK_OVERSAMPLE, circular=circular)
         if loudness is not None:
-            level = loudness.changed(scale, audio, out, _changed_runs(changed, 0, n, False)).lufs
+            touched = _changed_runs(np.flatnonzero(gain != 1.0), 0, n, False)
+            level = loudness.changed(scale, audio, out, touched, before_factor=factor).lufs
     elif loudness is None:
         peak = float(peak_envelope(out, circular=circular).max())
     else:
@@ -886,7 +903,9 @@ def master(
     if target_lufs is not None and not -70.0 <= target_lufs <= 0.0:
         raise SettingsError(f"target loudness must be between -70 and 0 LUFS, got {target_lufs}")
 
-    raw = as_audio(samples)
+    raw = as_audio(samples, copy=False)  # only read here: every output below is a new array
+    if raw.dtype != np.float32:
+        raw = raw.astype(np.float32)
     dc = tuple(float(v) for v in raw.mean(axis=1, dtype=np.float64))
     if highpass_hz is None:
         # Not even the mean: after fades it is no longer the DC offset, and subtracting
@@ -931,7 +950,7 @@ def master(
         )
 
     if not math.isfinite(in_tp):  # digital silence: nothing to normalise
-        return done(audio, 0.0, 0.0)
+        return done(audio.copy(), 0.0, 0.0)
 
     if target_lufs is None or not math.isfinite(in_lufs):
         # loudness off (or below the gate): only keep the peaks under the ceiling
@@ -955,8 +974,9 @@ def master(
     best: tuple[float, np.ndarray, float, float, float] | None = None
     for _ in range(LIMITER_MAX_PASSES):
         g = db_to_gain(gain_db)
+        best = limited = None  # the previous pass's output goes before this pass makes its own
         limited, reduction_db, out_tp, out_lufs = _limit(
-            audio * np.float32(g), sample_rate, limit_db, in_env * np.float32(g), LIMITER_LOOKAHEAD_S,
+            audio, sample_rate, limit_db, in_env * np.float32(g), LIMITER_LOOKAHEAD_S,
             LIMITER_RELEASE_S, circular, loudness=in_blocks, scale=float(np.float32(g)),
         )  # fmt: skip
         best = (gain_db, limited, reduction_db, out_lufs, out_tp)
