@@ -21,9 +21,9 @@ Children:
   ``decode_codes`` (chunked, the shipped code).
 * ``one-shot S``: the same, decoded in one EnCodec call (the code before chunking).
 * ``compare S``: both decodes in one process; max abs error and SNR of chunked vs one call.
-* ``post S``: the stages after decoding on S s of synthetic 32 kHz audio (44.1 kHz
-  stereo, DC removal, mastering checked on the encoded files, MP3 + OGG, verify);
-  no model loaded.
+* ``post S``: the stages after decoding on S s of synthetic 32 kHz audio, through the
+  pipeline's own functions (DC removal, 44.1 kHz stereo, mastering checked on the
+  encoded files, MP3 + OGG, publish); no model loaded.
 * ``run S``: the whole pipeline on the full-size random model, default backend,
   one track of S seconds (``render_takes``, as the CLI runs it).
 """
@@ -130,33 +130,37 @@ def child_compare(seconds: float) -> dict:
 
 
 def child_post(seconds: float) -> dict:
+    """The stages after decoding as the pipeline runs them (``prepare_take_audio``: DC removal at 32 kHz,
+    44.1 kHz stereo; ``master_take``: mastering checked on the encoded files, MP3 + OGG; publish)."""
+    import functools
+
     import numpy as np
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
     from synth import music
 
-    from tydust_gen.audio import master as master_stage
-    from tydust_gen.audio import resample as audio
+    from tydust_gen.base.settings import MasteringSettings
     from tydust_gen.base.waveform import Waveform
     from tydust_gen.export import staging as export
     from tydust_gen.export.ffmpeg import find_ffmpeg
-    from tydust_gen.export.loudness import master_for_encoding
+    from tydust_gen.export.loudness import measure_file
     from tydust_gen.export.tags import TrackTags
+    from tydust_gen.runs.pipeline import master_take, prepare_take_audio
 
     wave = Waveform(torch.from_numpy(music(seconds, sr=32_000, seed=1, dc=0.3, level=0.3)[:1].copy()), 32_000)
-    ffmpeg = find_ffmpeg()
+    ffmpeg, mastering = find_ffmpeg(), MasteringSettings()
     before = rss_mb()
     t, cpu = time.perf_counter(), time.process_time()
-    stereo = audio.to_44k1_stereo(wave, seconds)
-    x = master_stage.remove_dc(stereo.samples.numpy(), stereo.sample_rate)
+    take = prepare_take_audio(wave, generated_s=seconds, duration_s=seconds, mastering=mastering)
     with tempfile.TemporaryDirectory() as tmp, export.Staging(Path(tmp), "bench", ffmpeg=ffmpeg) as staging:
         tags = TrackTags(title="bench", genre=None, comment="bench")
 
         def encode(result):
-            return staging.encode(Waveform(torch.from_numpy(np.ascontiguousarray(result.samples)), 44_100), tags)
+            samples = torch.from_numpy(np.ascontiguousarray(result.samples))
+            return staging.encode(Waveform(samples, 44_100), tags, then=functools.partial(measure_file, circular=False))
 
-        master_for_encoding(x, stereo.sample_rate, encode)
+        master_take(take, mastering, encode)
         staging.publish(seconds)
     return {"rss_before_mb": before, "post_s": time.perf_counter() - t, "post_cpu_s": time.process_time() - cpu}
 
