@@ -149,3 +149,19 @@ def test_limiting_music_gives_the_figures_of_a_full_measurement(monkeypatch, see
     assert master.true_peak(out, circular=circular) <= -1.0 + 1e-5
     assert level == pytest.approx(full_level, abs=1e-5)
     assert level == pytest.approx(pyloudnorm_lufs(out, RATE), abs=1e-5)
+
+
+def test_master_reads_any_strided_input_and_leaves_it_alone():
+    """master() no longer copies its input first: a reversed view (negative strides) or float64 must master
+    exactly like a contiguous float32 copy, limiter engaged, and the input must be left as it was."""
+    x = music(6.0, sr=RATE, seed=5, dc=0.0, level=0.5)
+    x = master.remove_dc(np.ascontiguousarray(np.vstack([x[0], x[-1] * 0.8]), dtype=np.float32), RATE)
+    backwards = x[:, ::-1]
+    keep = backwards.copy()
+    reference = master.master(np.ascontiguousarray(backwards), RATE)
+    assert reference.limiter_max_reduction_db > 0
+    for given in (backwards, backwards.astype(np.float64)):
+        result = master.master(given, RATE)
+        np.testing.assert_array_equal(result.samples, reference.samples)
+        assert not np.shares_memory(result.samples, given)
+    np.testing.assert_array_equal(backwards, keep)

@@ -422,7 +422,7 @@ def peak_envelope(
     import torch
 
     del sample_rate
-    audio = as_audio(samples)
+    audio = np.ascontiguousarray(as_audio(samples, copy=False), dtype=np.float32)  # only read
     n = audio.shape[1]
     if n == 0:
         return np.zeros(0, dtype=np.float32)
@@ -903,9 +903,7 @@ def master(
     if target_lufs is not None and not -70.0 <= target_lufs <= 0.0:
         raise SettingsError(f"target loudness must be between -70 and 0 LUFS, got {target_lufs}")
 
-    raw = as_audio(samples, copy=False)  # only read here: every output below is a new array
-    if raw.dtype != np.float32:
-        raw = raw.astype(np.float32)
+    raw = np.ascontiguousarray(as_audio(samples, copy=False), dtype=np.float32)  # only read: outputs are new arrays
     dc = tuple(float(v) for v in raw.mean(axis=1, dtype=np.float64))
     if highpass_hz is None:
         # Not even the mean: after fades it is no longer the DC offset, and subtracting
