@@ -43,6 +43,7 @@ Never fade a loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import warnings
@@ -368,8 +369,7 @@ class _LoudnessBlocks:
             np.cumsum(diff * (2.0 * base + diff), axis=1, out=extra[:, 1:])
             at = np.clip(self.bounds - a, 0, diff.shape[1])
             energy += extra[:, at]
-        return _LoudnessBlocks(self.sos, self.lower, self.upper, self.bounds, energy, self.length, self.sample_rate,
-                               self.block_samples)  # fmt: skip
+        return dataclasses.replace(self, energy=energy)
 
 
 @functools.lru_cache(maxsize=4)
@@ -815,10 +815,10 @@ def _limit(
     changed = np.flatnonzero(gain != 1.0)
     if changed.size <= _RESCAN_ALL_ABOVE * n and (loudness is None or loudness.length == n):
         runs = _changed_runs(changed, _PEAK_FILTER_SPAN, n, circular)
+        touched = _changed_runs(changed, 0, n, False) if loudness is not None else []
         del changed
         peak = _peak_after_change(env, out, runs, oversample=TRUE_PEAK_OVERSAMPLE, circular=circular)
         if loudness is not None:
-            touched = _changed_runs(np.flatnonzero(gain != 1.0), 0, n, False)
             level = loudness.changed(scale, audio, out, touched, before_factor=factor).lufs
     elif loudness is None:
         peak = float(peak_envelope(out, circular=circular).max())

@@ -294,7 +294,8 @@ def _generate_batch(
                     f"the {backend.name} backend returned {new.shape[-1]} frames instead of {w.new_frames}"
                 )
             codes = new if codes is None else torch.cat([codes, new], dim=-1)
-            # the window's cache and working arrays are freed: give them back before the next window's
+            # the window's cache and working arrays are freed: give them back before the next window (or,
+            # after the last, before EnCodec decoding starts from the loaded model's footprint)
             processes.release_free_memory()
     return codes
 

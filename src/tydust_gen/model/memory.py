@@ -5,7 +5,7 @@ decoder's key/value cache of one window (self-attention over the window's
 positions, cross-attention over the text, for 2 rows per take with guidance),
 the EnCodec decode of a take (in windows: a fixed working set plus buffers that
 grow slowly with the track's length) and the runtime itself. Generation and decoding
-do not overlap, so the sum is on the safe side: 4.5 GB for a 90 s musicgen-small
+do not overlap, so the sum is on the safe side: 4.6 GB for a 90 s musicgen-small
 track on the CPU, whose measured peak is 3.97 GB (docs/BENCHMARKS.md). :func:`check_fits` refuses,
 with the figures, a run that would not fit the device's free memory, so
 ``-medium`` or ``-large`` fails in a second instead of swapping or dying in the

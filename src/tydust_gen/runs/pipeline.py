@@ -23,7 +23,7 @@ import numpy as np
 from tydust_gen.audio import loop as loop_stage
 from tydust_gen.audio import master as master_stage
 from tydust_gen.audio import resample as audio
-from tydust_gen.base import faults, processes
+from tydust_gen.base import faults
 from tydust_gen.base.errors import MelodyError, SettingsError, TydustError, UsageError
 from tydust_gen.base.prompts import TrackSpec, check_sections, load_track
 from tydust_gen.base.settings import (
@@ -502,7 +502,6 @@ def render_takes(
     t1 = time.perf_counter()
     announce("decoding")
     faults.hook("decode")
-    processes.release_free_memory()  # the windows' caches are freed: decode from the loaded model's footprint
     waves = generate.decode_codes(loaded, codes, lead_in=prompt_codes)
     t2 = time.perf_counter()
     # Generation and decoding run once for the whole batch of takes; each take reports the batch time.
