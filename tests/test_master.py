@@ -155,3 +155,40 @@ def test_encoded_loop_retries_when_the_codec_overshoots(tmp_path):
     assert peaks[0] > -1.0  # the first, margin-less encode overshot
     assert enc.tries >= 2 and enc.ceiling_met
     assert enc.encoded_true_peaks_dbtp[0] <= -1.0
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_mastering_and_encoding_scan_on_one_torch_thread_and_restore_the_count(tmp_path, fail):
+    # Scans run beside the loudness meter, the encoders and the decoders: a second torch thread only
+    # spins and takes their core. The count seen by the encode callback (and by the threads it starts)
+    # must be 1, and the caller's count must come back afterwards, also when encoding fails.
+    import threading
+
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = remove_dc(music(3.0, seed=2, dc=0.3), SR)
+        seen: list[int] = []
+
+        def encode_ogg(result):
+            seen.append(torch.get_num_threads())
+            worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            worker.start()
+            worker.join()
+            if fail:
+                raise RuntimeError("encoder failed")
+            ogg = tmp_path / "one.ogg"
+            encode(result.samples, SR, ogg)
+            return [ogg]
+
+        if fail:
+            with pytest.raises(RuntimeError, match="encoder failed"):
+                master_for_encoding(x, SR, encode_ogg)
+        else:
+            assert master_for_encoding(x, SR, encode_ogg).ceiling_met
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

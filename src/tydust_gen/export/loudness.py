@@ -21,7 +21,9 @@ import numpy as np
 
 from tydust_gen.base import processes
 from tydust_gen.base.errors import ExportError, SettingsError
-from tydust_gen.audio.master import SILENCE_DB, DEFAULT_CEILING_DBTP, DEFAULT_TARGET_LUFS, MasterResult, TruePeakMeter, master
+from tydust_gen.audio.master import (
+    SILENCE_DB, DEFAULT_CEILING_DBTP, DEFAULT_TARGET_LUFS, MasterResult, TruePeakMeter, master, one_scan_thread,
+)  # fmt: skip
 
 DEFAULT_ENCODE_MARGIN_DB = 0.3  # dB; first-try headroom for the lossy-codec peak rise (~0.2 dB)
 
@@ -173,8 +175,9 @@ def encoded_true_peak(path: str | os.PathLike[str], *, circular: bool = False) -
         dBTP.
     """
     meter = TruePeakMeter(ENCODED_CHANNELS, circular=circular)
-    for piece in decoded_pieces(path, purpose=" to measure its peak"):
-        meter.feed(piece)
+    with one_scan_thread():  # the decoder needs the other core
+        for piece in decoded_pieces(path, purpose=" to measure its peak"):
+            meter.feed(piece)
     return meter.true_peak_dbtp()
 
 
@@ -196,11 +199,11 @@ def encoded_true_peaks(paths: Sequence[str | os.PathLike[str]], *, circular: boo
     """:func:`encoded_true_peak` of every file at once, one thread each (same order as ``paths``).
 
     Each file is decoded once, by its own ffmpeg, and scanned while the others are: the
-    decoder is a child process and scipy's polyphase filter releases the GIL.
+    decoder is a child process and torch's convolution releases the GIL.
     """
     if len(paths) <= 1:
         return tuple(encoded_true_peak(p, circular=circular) for p in paths)
-    with ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="tydust-peak") as pool:
+    with one_scan_thread(), ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="tydust-peak") as pool:
         return tuple(pool.map(lambda p: encoded_true_peak(p, circular=circular), paths))
 
 
@@ -267,6 +270,26 @@ def master_for_encoding(
     """
     if max_tries < 1:
         raise SettingsError(f"max_tries must be at least 1, got {max_tries}")
+    with one_scan_thread():  # encoders, decoders and meters run side by side; each scan keeps to its core
+        return _master_for_encoding(
+            samples, sample_rate, encode, target_lufs=target_lufs, ceiling_dbtp=ceiling_dbtp,
+            initial_margin_db=initial_margin_db, max_tries=max_tries, circular=circular, **master_options,
+        )  # fmt: skip
+
+
+def _master_for_encoding(
+    samples: Any,
+    sample_rate: int,
+    encode: Callable[[MasterResult], Sequence[str | os.PathLike[str] | MeasuredFile]],
+    *,
+    target_lufs: float | None,
+    ceiling_dbtp: float,
+    initial_margin_db: float,
+    max_tries: int,
+    circular: bool,
+    **master_options: Any,
+) -> EncodedMasterResult:
+    """:func:`master_for_encoding` once ``max_tries`` is checked."""
     margin = initial_margin_db
     for attempt in range(1, max_tries + 1):
         result = master(
