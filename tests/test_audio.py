@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import torch
 
 from tydust_gen.audio import resample as audio
@@ -52,3 +56,21 @@ def test_pcm16_is_interleaved_full_scale():
     w = Waveform(torch.tensor([[1.0, -1.0], [0.0, 0.5]]), 44_100)
     pcm = torch.frombuffer(bytearray(audio.to_pcm16(w)), dtype=torch.int16).tolist()
     assert pcm == [32767, 0, -32767, 16384]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frames=st.integers(0, 3 * audio._PCM_PIECE + 7),
+    channels=st.sampled_from([1, 2]),
+    scale=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_pcm16_matches_clip_scale_round_for_any_length_and_level(frames, channels, scale, seed):
+    """Any length (whole pieces and a ragged last one), levels past full scale: the whole-array formula."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((channels, frames)) * scale).astype(np.float32)
+    expected = np.rint(np.clip(x, -1.0, 1.0) * np.float32(audio.PCM_MAX)).astype("<i2").T.tobytes()
+    got = audio.to_pcm16(Waveform(torch.from_numpy(x), 44_100))
+    assert got == expected
+    # and the transposed (non-contiguous) view a caller may hand over
+    assert audio.to_pcm16(Waveform(torch.from_numpy(np.ascontiguousarray(x.T)).T, 44_100)) == expected
