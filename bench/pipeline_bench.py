@@ -109,6 +109,7 @@ def synthetic_post(seconds: float, tmp: Path, i: int) -> tuple[dict, Path]:
     from tydust_gen.runs.pipeline import master_take, prepare_take_audio
 
     measure = getattr(loudness, "measure_file", None)
+    peaks_class = getattr(loudness, "EncodedPeaks", None)  # the OGG measured while it is encoded
     wave = Waveform(torch.from_numpy(music(seconds + 0.5, sr=32_000, seed=i, dc=0.3, level=0.3)[:1].copy()), 32_000)
     ffmpeg, out, mastering = find_ffmpeg(), tmp / f"synthetic-{i}", MasteringSettings()
     t = time.perf_counter()
@@ -119,6 +120,9 @@ def synthetic_post(seconds: float, tmp: Path, i: int) -> tuple[dict, Path]:
 
         def encode(result):
             wave = Waveform(torch.from_numpy(np.ascontiguousarray(result.samples)), 44_100)
+            if peaks_class is not None:
+                peaks = peaks_class(circular=False)
+                return staging.encode(wave, tags, then=peaks.measure, watch=peaks.watch)
             if measure is None:
                 return staging.encode(wave, tags)
             return staging.encode(wave, tags, then=functools.partial(measure, circular=False))

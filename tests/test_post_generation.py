@@ -188,3 +188,127 @@ def test_a_finished_file_is_measured_at_a_lower_priority(tmp_path, monkeypatch):
     assert int((tmp_path / "decoder.nice").read_text()) == min(base + BACKGROUND_NICE, 19)
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling process's own thread is untouched
 
+
+
+def _follower_children() -> list[int]:
+    """Our own children that are followers' decoders (ffmpeg reading its stdin), live or not yet reaped."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == os.getpid() and b"pipe:0" in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def _follower_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("tydust-follow")]
+
+
+def _staged_encode(tmp_path: Path, seconds: float, *, circular: bool, ffmpeg: Ffmpeg | None = None, seed: int = 3):
+    from tydust_gen.export.loudness import EncodedPeaks
+
+    x = master.master(master.remove_dc(music(seconds, seed=seed, dc=0.2), 44_100), 44_100, circular=circular).samples
+    peaks = EncodedPeaks(circular=circular)
+    with export.Staging(tmp_path / "out", "t", ffmpeg=ffmpeg or find_ffmpeg()) as staging:
+        measured = staging.encode(Waveform(torch.from_numpy(x), 44_100), TAGS, then=peaks.measure, watch=peaks.watch)
+        # the staged, tagged files, measured afterwards as before: the reference
+        after = [encoded_true_peak(m.path, circular=circular) for m in measured]
+    return measured, after
+
+
+@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+@pytest.mark.parametrize("circular", [False, True])
+def test_the_ogg_measured_while_encoding_is_the_finished_files_peak(tmp_path, circular):
+    """Through the real encoders: the OGG is measured from the bytes as libvorbis writes them, the MP3 once
+    written; each peak is exactly that of the finished, tagged file decoded afterwards."""
+    measured, after = _staged_encode(tmp_path, 8.0, circular=circular)
+    assert [m.path.suffix for m in measured] == [".mp3", ".ogg"]
+    assert [m.while_written for m in measured] == [False, True]
+    assert [m.true_peak_dbtp for m in measured] == after
+    assert all(math.isfinite(p) for p in after)
+    assert _follower_threads() == [] and _follower_children() == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+def test_a_follower_decodes_a_file_before_its_writer_has_finished(tmp_path):
+    """The file grows in two steps and the second waits until the follower has decoded audio from the first:
+    so it measured while the file was incomplete, and its peak is still the whole file's."""
+    import subprocess
+    import sys
+
+    from tydust_gen.export.loudness import _Follower
+
+    from synth import encode
+
+    done = encode(music(6.0, seed=5), 44_100, tmp_path / "done.ogg")
+    data = done.read_bytes()
+    growing = tmp_path / "growing.ogg"
+    growing.write_bytes(b"")
+    writer = subprocess.Popen([sys.executable, "-c", "pass", str(growing)])  # its last argument names the file
+    follower = _Follower("ogg", growing, circular=False)
+    follower.start(writer)
+    with open(growing, "ab") as f:
+        f.write(data[: len(data) * 2 // 3])
+        f.flush()
+        assert follower.first_audio.wait(60)  # decoded from two thirds of the file
+        f.write(data[len(data) * 2 // 3 :])
+    follower.written(growing)
+    writer.wait()
+    assert follower.peak() == encoded_true_peak(done)
+    assert _follower_threads() == [] and _follower_children() == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+def test_a_follower_whose_bytes_differ_from_the_file_gives_no_peak(tmp_path):
+    import subprocess
+    import sys
+
+    from synth import encode
+
+    from tydust_gen.export.loudness import _Follower
+
+    path = encode(music(3.0, seed=6), 44_100, tmp_path / "a.ogg")
+    writer = subprocess.Popen([sys.executable, "-c", "pass", str(path)])
+    follower = _Follower("ogg", path, circular=False)
+    follower.start(writer)
+    follower.first_audio.wait(60)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # the file as it ends up is not what was followed
+    final = tmp_path / "final.ogg"
+    final.write_bytes(bytes(data))
+    follower.written(final)
+    writer.wait()
+    assert follower.peak() is None
+
+
+@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+def test_a_failing_follower_falls_back_to_measuring_the_finished_file(tmp_path, monkeypatch):
+    """The follower's decoder fails (an ffmpeg that refuses to read its stdin): the OGG is measured after it
+    is written instead, with the same result, and nothing of the follower is left."""
+    ff = wrapper(tmp_path, '*pipe:0*) echo "no pipes here" >&2; exit 1 ;;')
+    monkeypatch.setenv("TYDUST_FFMPEG", ff.path)
+    measured, after = _staged_encode(tmp_path, 3.0, circular=False, ffmpeg=ff)
+    assert [m.while_written for m in measured] == [False, False]
+    assert [m.true_peak_dbtp for m in measured] == after
+    assert _follower_threads() == [] and _follower_children() == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+def test_an_ogg_that_fails_to_write_leaves_no_follower_behind(tmp_path, monkeypatch):
+    """A full disk as the OGG is written: the error, the staging folder gone, the follower's decoder killed
+    and its threads ended before the call returns."""
+    from tydust_gen.base.faults import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "enospc:ogg")
+    with pytest.raises(ExportError, match=r"t\.ogg"):
+        _staged_encode(tmp_path, 3.0, circular=False)
+    assert list((tmp_path / "out").iterdir()) == []
+    assert _follower_threads() == [] and _follower_children() == []

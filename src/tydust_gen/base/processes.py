@@ -30,7 +30,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tydust_gen.base import signals
 
@@ -165,6 +165,25 @@ class _Tracked(subprocess.Popen):
         with signals.deferred(), _Tracked.lock:
             super().__init__(*args, **kwargs)
             _Tracked.live.append(self)
+        hook = getattr(_start_hooks, "hook", None)
+        if hook is not None:
+            hook(self)
+
+
+_start_hooks = threading.local()
+
+
+@contextlib.contextmanager
+def on_start(hook: Callable[[subprocess.Popen], None] | None) -> Iterator[None]:
+    """Inside the block, ``hook(child)`` runs as soon as this thread starts a child under :func:`reaped`
+    (pydub's ffmpeg; ``child.args`` is its command line). The hook must return quickly and never raise.
+    ``None``: no hook. Other threads' children are not reported (each encoding thread has its own)."""
+    saved = getattr(_start_hooks, "hook", None)
+    _start_hooks.hook = hook
+    try:
+        yield
+    finally:
+        _start_hooks.hook = saved
 
 
 class _SubprocessShim:

@@ -49,6 +49,7 @@ def encode_formats(
     *,
     then: Callable[[str, Path], Any] | None = None,
     each_done: Callable[[str], None] | None = None,
+    watch: Callable[[str, Path], Any] | None = None,
 ) -> list[Any]:
     """Encode ``segment`` to every ``(fmt, dest)`` of ``jobs`` at once, one thread (and ffmpeg) per format.
 
@@ -60,6 +61,8 @@ def encode_formats(
             measuring); what it returns is that job's result.
         each_done: called in the calling thread as each job finishes, in ``jobs`` order
             (test hooks must pause where signals are delivered: the main thread).
+        watch: ``watch(fmt, dest)`` gives an object that follows the encoder's output while it is
+            written (e.g. ``EncodedPeaks.watch``), or None: see :func:`encode_segment`.
 
     Returns:
         Each job's result, in order: ``then(fmt, dest)``, or ``dest`` without ``then``.
@@ -74,7 +77,8 @@ def encode_formats(
     def work(fmt: str, dest: Path) -> Any:
         if stop.is_set():  # the call is being abandoned: start no new ffmpeg
             raise ExportError(f"encoding {dest.name} was cancelled")
-        encode_segment(segment, ffmpeg, fmt, dest)
+        follower = None if watch is None else watch(fmt, dest)
+        encode_segment(segment, ffmpeg, fmt, dest, follower=follower)
         return dest if then is None else then(fmt, dest)
 
     pool = ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="tydust-encode")
@@ -96,8 +100,13 @@ def encode_formats(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def encode_segment(segment, ffmpeg: Ffmpeg, fmt: str, dest: Path) -> None:
+def encode_segment(segment, ffmpeg: Ffmpeg, fmt: str, dest: Path, *, follower: Any = None) -> None:
     """Encode ``segment`` to ``dest`` as ``fmt`` ("mp3" or "ogg"); call inside :func:`children.reaped`.
+
+    ``follower``, when given, is told when pydub's ffmpeg starts (``follower.start(child)``; the child's
+    command line ends with the file it writes), then either ``follower.written(dest)`` once ``dest``
+    holds the encoded bytes, or ``follower.abandon()`` if encoding failed or was interrupted, before
+    this returns or raises: nothing it started outlives the call.
 
     Raises:
         ExportError: ffmpeg failed (its last error line included) or ``dest`` could not be written.
@@ -111,9 +120,17 @@ def encode_segment(segment, ffmpeg: Ffmpeg, fmt: str, dest: Path) -> None:
     else:
         kwargs = dict(format="ogg", codec="libvorbis", parameters=["-q:a", OGG_QUALITY, *common])
     try:
-        handle = segment.export(str(dest), **kwargs)
-        handle.close()
-        faults.maybe_fail_write(fmt, dest)
+        try:
+            with children.on_start(None if follower is None else follower.start):
+                handle = segment.export(str(dest), **kwargs)
+            handle.close()
+            faults.maybe_fail_write(fmt, dest)
+        except BaseException:
+            if follower is not None:
+                follower.abandon()
+            raise
+        if follower is not None:
+            follower.written(dest)
     except CouldntEncodeError as exc:
         text = str(exc)
         tool_err = text.split("Output from ffmpeg/avlib:", 1)[-1].strip().splitlines()

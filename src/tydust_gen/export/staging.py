@@ -152,12 +152,21 @@ class Staging:
         assert self.path is not None, "use Staging as a context manager"
         return self.path / f"{self.name}.{fmt}"
 
-    def encode(self, wave: Waveform, tags: TrackTags, *, then: Callable[[Path], Any] | None = None) -> list[Any]:
+    def encode(
+        self,
+        wave: Waveform,
+        tags: TrackTags,
+        *,
+        then: Callable[[Path], Any] | None = None,
+        watch: Callable[[str, Path], Any] | None = None,
+    ) -> list[Any]:
         """Encode and tag ``wave`` (float ``[2, N]`` at 44.1 kHz) as staged MP3 and OGG; returns their paths.
 
         ``then``, when given, runs on each file in its encoding thread as soon as it is tagged (the
         mastering stage measures the MP3 while the slower OGG is still encoding), and its results are
-        returned instead of the paths.
+        returned instead of the paths. ``watch(fmt, dest)``, when given, may return a follower of the
+        encoder's output while it is written (``EncodedPeaks.watch``: the OGG is measured as it is
+        encoded; see :func:`~tydust_gen.export.encode.encode_segment`).
         """
         if wave.sample_rate != TARGET_SAMPLE_RATE or wave.channels != TARGET_CHANNELS:
             raise ValueError(f"export needs 44.1 kHz stereo, got {wave.sample_rate} Hz x {wave.channels}")
@@ -178,8 +187,9 @@ class Staging:
         # Both formats at once; pydub's temporaries (set process-wide) go to this folder until both are done.
         with _temporaries_in(self.path):
             return encode_formats(
-                segment, self.ffmpeg, [(fmt, self.staged(fmt)) for fmt in ("mp3", "ogg")], then=tag, each_done=each_done
-            )
+                segment, self.ffmpeg, [(fmt, self.staged(fmt)) for fmt in ("mp3", "ogg")],
+                then=tag, each_done=each_done, watch=watch,
+            )  # fmt: skip
 
     def add_extra(self, filename: str) -> Path:
         """Reserve a staged path for a file published beside the audio (e.g. a preview PNG)."""

@@ -21,7 +21,6 @@ The record is ``{"format": "tydust-gen/master"}``, not a generation record:
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import os
 import struct
 import subprocess
@@ -41,7 +40,7 @@ from tydust_gen.base.waveform import Waveform
 from tydust_gen.export import staging as export
 from tydust_gen.export.encode import FFMPEG_TIMEOUT_S
 from tydust_gen.export.ffmpeg import Ffmpeg, check_encoders, find_ffmpeg
-from tydust_gen.export.loudness import MeasuredFile, master_for_encoding, measure_file
+from tydust_gen.export.loudness import EncodedPeaks, MeasuredFile, master_for_encoding
 from tydust_gen.export.tags import TrackTags, write_loop_tags
 from tydust_gen.export.verify import sha256_file
 from tydust_gen.runs import provenance
@@ -312,9 +311,10 @@ def render_file(plan: MasterPlan, *, ffmpeg: Ffmpeg, overwrite: bool) -> TrackRe
         with export.Staging(plan.out_dir, plan.name, ffmpeg=ffmpeg) as staging:
 
             def encode(mastering_pass) -> list[MeasuredFile]:
-                # each file is decoded and measured in its encoding thread: the MP3 while the OGG encodes
-                measure = functools.partial(measure_file, circular=m.loop)
-                return staging.encode(Waveform(_tensor(mastering_pass.samples), sr), tags, then=measure)
+                # each file is measured in its encoding thread: the MP3 once written, while the OGG encodes
+                peaks = EncodedPeaks(circular=m.loop)  # the OGG is measured while it is encoded
+                wave = Waveform(_tensor(mastering_pass.samples), sr)
+                return staging.encode(wave, tags, then=peaks.measure, watch=peaks.watch)
 
             mastered = master_for_encoding(
                 x, sr, encode, target_lufs=m.loudness_lufs, ceiling_dbtp=m.true_peak_dbtp, circular=m.loop

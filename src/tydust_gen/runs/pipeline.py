@@ -8,7 +8,6 @@ stereo → MP3 + OGG for one planned track on an already loaded model.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from tydust_gen.base.variations import variation_names, variation_seed
 from tydust_gen.base.waveform import Waveform
 from tydust_gen.export import staging as export
 from tydust_gen.export.ffmpeg import Ffmpeg
-from tydust_gen.export.loudness import EncodedMasterResult, MeasuredFile, master_for_encoding, measure_file
+from tydust_gen.export.loudness import EncodedMasterResult, EncodedPeaks, MeasuredFile, master_for_encoding
 from tydust_gen.export.tags import TrackTags, write_loop_tags
 from tydust_gen.export.verify import ExportedFile
 from tydust_gen.model import generate
@@ -544,9 +543,10 @@ def render_takes(
             with export.Staging(plan.out_dir, take, ffmpeg=ffmpeg) as staging:
 
                 def encode(mastering_pass) -> list[MeasuredFile]:
-                    # each file is decoded and measured in its encoding thread: the MP3 while the OGG encodes
-                    measure = functools.partial(measure_file, circular=m.loop)
-                    return staging.encode(Waveform(_tensor(mastering_pass.samples), sr), tags, then=measure)
+                    # each file is measured in its encoding thread: the MP3 once written, while the OGG encodes
+                    peaks = EncodedPeaks(circular=m.loop)  # the OGG is measured while it is encoded
+                    wave = Waveform(_tensor(mastering_pass.samples), sr)
+                    return staging.encode(wave, tags, then=peaks.measure, watch=peaks.watch)
 
                 mastered = master_take(prepared, m, encode)
                 if m.loop:
