@@ -24,6 +24,10 @@ Children:
 * ``post S``: the stages after decoding on S s of synthetic 32 kHz audio, through the
   pipeline's own functions (DC removal, 44.1 kHz stereo, mastering checked on the
   encoded files, MP3 + OGG, publish); no model loaded.
+* ``after-generation S``: the full-size model loaded, S s of random codes decoded as the pipeline
+  does, then the stages after decoding, in one process: a whole run without the token loop, whose
+  peak does not grow with the track (each window frees its cache), so a long track's whole-run
+  peak is the larger of this and a short ``run``.
 * ``run S``: the whole pipeline on the full-size random model, default backend,
   one track of S seconds (``render_takes``, as the CLI runs it).
 """
@@ -129,40 +133,66 @@ def child_compare(seconds: float) -> dict:
     }
 
 
-def child_post(seconds: float) -> dict:
-    """The stages after decoding as the pipeline runs them (``prepare_take_audio``: DC removal at 32 kHz,
-    44.1 kHz stereo; ``master_take``: mastering checked on the encoded files, MP3 + OGG; publish)."""
-    import functools
-
+def _post(wave, seconds: float) -> None:
+    """``prepare_take_audio`` (DC removal at 32 kHz, 44.1 kHz stereo), then ``master_take`` (mastering checked
+    on the encoded files, MP3 + OGG, the OGG measured as it is encoded), then publish: as the pipeline runs them."""
     import numpy as np
     import torch
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from synth import music
 
     from tydust_gen.base.settings import MasteringSettings
     from tydust_gen.base.waveform import Waveform
     from tydust_gen.export import staging as export
     from tydust_gen.export.ffmpeg import find_ffmpeg
-    from tydust_gen.export.loudness import measure_file
+    from tydust_gen.export.loudness import EncodedPeaks
     from tydust_gen.export.tags import TrackTags
     from tydust_gen.runs.pipeline import master_take, prepare_take_audio
 
-    wave = Waveform(torch.from_numpy(music(seconds, sr=32_000, seed=1, dc=0.3, level=0.3)[:1].copy()), 32_000)
     ffmpeg, mastering = find_ffmpeg(), MasteringSettings()
-    before = rss_mb()
-    t, cpu = time.perf_counter(), time.process_time()
     take = prepare_take_audio(wave, generated_s=seconds, duration_s=seconds, mastering=mastering)
     with tempfile.TemporaryDirectory() as tmp, export.Staging(Path(tmp), "bench", ffmpeg=ffmpeg) as staging:
         tags = TrackTags(title="bench", genre=None, comment="bench")
 
         def encode(result):
             samples = torch.from_numpy(np.ascontiguousarray(result.samples))
-            return staging.encode(Waveform(samples, 44_100), tags, then=functools.partial(measure_file, circular=False))
+            peaks = EncodedPeaks(circular=False)
+            return staging.encode(Waveform(samples, 44_100), tags, then=peaks.measure, watch=peaks.watch)
 
         master_take(take, mastering, encode)
         staging.publish(seconds)
+
+
+def child_post(seconds: float) -> dict:
+    """The stages after decoding (:func:`_post`) on synthetic 32 kHz music; no model loaded."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from synth import music
+
+    from tydust_gen.base.waveform import Waveform
+
+    wave = Waveform(torch.from_numpy(music(seconds, sr=32_000, seed=1, dc=0.3, level=0.3)[:1].copy()), 32_000)
+    before = rss_mb()
+    t, cpu = time.perf_counter(), time.process_time()
+    _post(wave, seconds)
     return {"rss_before_mb": before, "post_s": time.perf_counter() - t, "post_cpu_s": time.process_time() - cpu}
+
+
+def child_after_generation(seconds: float) -> dict:
+    """A whole run without the token loop: the full-size model loaded, S seconds of random codes decoded as the
+    pipeline decodes them, then the stages after decoding (:func:`_post`) with the model still loaded.
+    The token loop's own peak does not grow with the track (each window's cache is freed before the next;
+    measured with ``run``), so this and a short ``run`` give a long track's whole-run peak."""
+    from tydust_gen.model.generate import decode_codes
+
+    loaded = _full_size()
+    codes = _random_codes(loaded, seconds)
+    before = rss_mb()
+    t, cpu = time.perf_counter(), time.process_time()
+    wave = decode_codes(loaded, codes)[0]
+    decoded_s = time.perf_counter() - t
+    _post(wave, seconds)
+    return {"rss_before_mb": before, "decode_s": decoded_s, "decode_and_post_s": time.perf_counter() - t,
+            "cpu_s": time.process_time() - cpu}  # fmt: skip
 
 
 def child_run(seconds: float) -> dict:
@@ -194,6 +224,7 @@ CHILDREN = {
     "one-shot": lambda s: child_decode(s, one_shot=True),
     "compare": child_compare,
     "post": child_post,
+    "after-generation": child_after_generation,
     "run": child_run,
 }
 
@@ -223,6 +254,7 @@ def main() -> None:
     ap.add_argument("--one-shot", default="", help="seconds to decode in one EnCodec call (the code before chunking)")
     ap.add_argument("--compare", default="", help="seconds: chunked vs one call, max abs error and SNR")
     ap.add_argument("--post", default="", help="seconds of synthetic audio through the stages after decoding")
+    ap.add_argument("--after-generation", default="", help="seconds: model loaded, random codes decoded, then every stage after")
     ap.add_argument("--run", default="15", help="seconds of one whole run (0: none)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the children")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SECONDS"), help=argparse.SUPPRESS)
@@ -243,7 +275,7 @@ def main() -> None:
 
     plan = [("decode", s) for s in seconds(args.decode)] + [("one-shot", s) for s in seconds(args.one_shot)]
     plan += [("compare", s) for s in seconds(args.compare)] + [("post", s) for s in seconds(args.post)]
-    plan += [("run", s) for s in seconds(args.run)]
+    plan += [("after-generation", s) for s in seconds(args.after_generation)] + [("run", s) for s in seconds(args.run)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"full-size random musicgen-small, CPU, fp32", flush=True)  # fmt: skip
     rows = []

@@ -74,3 +74,57 @@ def test_pcm16_matches_clip_scale_round_for_any_length_and_level(frames, channel
     assert got == expected
     # and the transposed (non-contiguous) view a caller may hand over
     assert audio.to_pcm16(Waveform(torch.from_numpy(np.ascontiguousarray(x.T)).T, 44_100)) == expected
+
+
+def _one_call_resample(x: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    import torchaudio.functional as AF
+
+    return AF.resample(x, orig, new, lowpass_filter_width=audio.RESAMPLE_LOWPASS_WIDTH, rolloff=audio.RESAMPLE_ROLLOFF,
+                       resampling_method="sinc_interp_kaiser", beta=audio.RESAMPLE_BETA)  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rate=st.sampled_from([32_000, 48_000, 22_050, 96_000, 16_000]),
+    frames=st.integers(1, 40_000),
+    channels=st.sampled_from([1, 2]),
+    piece=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_resampling_piece_by_piece_is_torchaudios_one_call_result(rate, frames, channels, piece, seed):
+    """Pieces of any size (down to one period), any length and rate: the one-call resampler's samples, up to
+    float32 summation order (the convolution may sum a short piece in another order: 7e-7 seen)."""
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((channels, frames)).astype(np.float32))
+    saved, audio.RESAMPLE_PIECE_FRAMES = audio.RESAMPLE_PIECE_FRAMES, piece
+    try:
+        got = audio.resample(Waveform(x, rate)).samples
+    finally:
+        audio.RESAMPLE_PIECE_FRAMES = saved
+    want = _one_call_resample(x, rate, audio.TARGET_SAMPLE_RATE)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0.0, atol=2e-6 * float(x.abs().max()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    frames=st.integers(1, 64_000),
+    seconds=st.floats(0.001, 2.2),
+    channels=st.sampled_from([1, 2]),
+    piece=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_44k1_stereo_is_resample_then_both_sides_then_exact_length(frames, seconds, channels, piece, seed):
+    """Written straight into the final array: the same as resampling, copying mono to both sides and trimming
+    or zero-padding to the length, one step after the other."""
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((channels, frames)).astype(np.float32))
+    saved, audio.RESAMPLE_PIECE_FRAMES = audio.RESAMPLE_PIECE_FRAMES, piece
+    try:
+        got = audio.to_44k1_stereo(Waveform(x, 32_000), seconds).samples
+    finally:
+        audio.RESAMPLE_PIECE_FRAMES = saved
+    want = _one_call_resample(x, 32_000, audio.TARGET_SAMPLE_RATE).expand(2, -1)
+    n = round(seconds * audio.TARGET_SAMPLE_RATE)
+    want = torch.nn.functional.pad(want, (0, max(0, n - want.shape[-1])))[:, :n]
+    assert got.shape == (2, n) and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0.0, atol=2e-6 * float(x.abs().max()))
+    assert torch.equal(got[0], got[1]) or channels == 2

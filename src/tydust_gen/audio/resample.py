@@ -23,21 +23,63 @@ RESAMPLE_BETA = 14.769656459379492
 PCM_MAX = 32767  # int16 full scale
 
 
+RESAMPLE_PIECE_FRAMES = 1024  # the resampler's input periods per piece (10 s of 32 kHz input)
+
+
+def _resampler(orig: int, new: int):
+    """torchaudio's resampler with the parameters above; it builds its filter bank once, for every piece."""
+    import torch
+    import torchaudio.transforms as AT
+
+    return AT.Resample(
+        orig, new, resampling_method="sinc_interp_kaiser", lowpass_filter_width=RESAMPLE_LOWPASS_WIDTH,
+        rolloff=RESAMPLE_ROLLOFF, beta=RESAMPLE_BETA, dtype=torch.float32,  # the bank resample() builds for float32
+    )  # fmt: skip
+
+
+def _resample_into(samples, orig: int, new: int, out) -> None:
+    """Resample ``samples`` ``[C, N]`` (C = 1 fills every row of ``out``) into ``out`` ``[C', M]``: its first
+    ``M`` samples of ``ceil(N x new / orig)``, as torchaudio's one-call ``resample`` gives them.
+
+    The resampler maps each period of ``orig / g`` input samples (g = gcd) onto ``new / g`` output samples.
+    A piece of whole periods, read with a period-aligned margin wider than the filter's reach on each
+    side, therefore gives exactly the one-call output over its own periods, and the track is done piece
+    by piece into ``out``: no whole-track temporaries (the one-call version held the padded input, the
+    filter's output and its reordered copy at once: +0.55 GiB for 600 s).
+    """
+    import math
+
+    import torch
+
+    g = math.gcd(orig, new)
+    period_in, period_out = orig // g, new // g
+    resampler = _resampler(orig, new)
+    margin = -(-resampler.width // period_in) * period_in + period_in  # whole periods, past the filter's reach
+    n, m = samples.shape[-1], out.shape[-1]
+    step = RESAMPLE_PIECE_FRAMES * period_in
+    with torch.inference_mode():
+        for start in range(0, n, step):
+            first = start // period_in * period_out  # output index of this piece's first period
+            if first >= m:
+                break
+            lo, hi = max(0, start - margin), min(n, start + step + margin)
+            piece = resampler(samples[:, lo:hi].float())
+            skip = (start - lo) // period_in * period_out
+            count = min(step // period_in * period_out, m - first, piece.shape[-1] - skip)
+            out[:, first : first + count] = piece[:, skip : skip + count]
+
+
 def resample(wave: Waveform, rate: int = TARGET_SAMPLE_RATE) -> Waveform:
-    """Resample ``[C, N]`` to ``rate`` Hz with the high-quality Kaiser parameters above."""
-    import torchaudio.functional as AF
+    """Resample ``[C, N]`` to ``rate`` Hz with the high-quality Kaiser parameters above (a piece at a time)."""
+    import math
+
+    import torch
 
     if wave.sample_rate == rate:
         return wave
-    out = AF.resample(
-        wave.samples.float(),
-        wave.sample_rate,
-        rate,
-        lowpass_filter_width=RESAMPLE_LOWPASS_WIDTH,
-        rolloff=RESAMPLE_ROLLOFF,
-        resampling_method="sinc_interp_kaiser",
-        beta=RESAMPLE_BETA,
-    )
+    n = wave.samples.shape[-1]
+    out = torch.empty(wave.samples.shape[0], math.ceil(n * rate / wave.sample_rate), dtype=torch.float32)
+    _resample_into(wave.samples, wave.sample_rate, rate, out)
     return Waveform(samples=out, sample_rate=rate)
 
 
@@ -69,24 +111,41 @@ def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
     Raises:
         GenerationError: memory ran out (one line, with what to do).
     """
+    import math
+
+    import torch
+
+    if wave.channels not in (1, TARGET_CHANNELS):
+        raise ValueError(f"expected mono or stereo audio, got {wave.channels} channels")
     with memory.translated("resampling to 44.1 kHz"):
-        return fit_length(to_stereo(resample(wave)), duration_s)
+        n = round(duration_s * TARGET_SAMPLE_RATE)
+        if wave.sample_rate == TARGET_SAMPLE_RATE:
+            return fit_length(to_stereo(wave), duration_s)
+        # Straight into the final [2, n]: both sides of a mono track, past the resampled end zeros (as
+        # fit_length pads), and nothing of the track held twice.
+        out = torch.empty(TARGET_CHANNELS, n, dtype=torch.float32)
+        have = min(n, math.ceil(wave.samples.shape[-1] * TARGET_SAMPLE_RATE / wave.sample_rate))
+        out[:, have:] = 0.0
+        _resample_into(wave.samples, wave.sample_rate, TARGET_SAMPLE_RATE, out[:, :have])
+        return Waveform(samples=out, sample_rate=TARGET_SAMPLE_RATE)
 
 
 _PCM_PIECE = 1 << 15  # frames converted at a time: the float scratch stays in the cache
 
 
-def to_pcm16(wave: Waveform) -> bytes:
+def to_pcm16(wave: Waveform) -> bytearray:
     """Interleaved little-endian int16 PCM bytes of a ``[C, N]`` float waveform: ``round(clip(x, -1, 1) x 32767)``.
 
-    Rounds half to even. Converted a piece at a time into the interleaved output, in one pass over the
-    audio instead of four whole-track temporaries (a 90 s track: 25 ms instead of 0.1 s).
+    Rounds half to even. Converted a piece at a time straight into the returned buffer, in one pass over
+    the audio instead of four whole-track temporaries and a copy to ``bytes`` (a 90 s track: 25 ms
+    instead of 0.1 s; a 600 s track holds 106 MB less while it is encoded).
     """
     import numpy as np
 
     x = wave.samples.detach().cpu().numpy()
     channels, n = x.shape
-    out = np.empty((n, channels), dtype="<i2")
+    buffer = bytearray(2 * channels * n)
+    out = np.frombuffer(buffer, dtype="<i2").reshape(n, channels)
     scratch = np.empty((min(n, _PCM_PIECE), channels), dtype=np.float32)
     for start in range(0, n, _PCM_PIECE):
         stop = min(n, start + _PCM_PIECE)
@@ -95,4 +154,4 @@ def to_pcm16(wave: Waveform) -> bytes:
         np.clip(piece, -PCM_MAX, PCM_MAX, out=piece)
         np.rint(piece, out=piece)
         out[start:stop] = piece
-    return out.tobytes()
+    return buffer
