@@ -312,3 +312,33 @@ def test_an_ogg_that_fails_to_write_leaves_no_follower_behind(tmp_path, monkeypa
         _staged_encode(tmp_path, 3.0, circular=False)
     assert list((tmp_path / "out").iterdir()) == []
     assert _follower_threads() == [] and _follower_children() == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+def test_a_follower_starting_late_still_reads_a_file_deleted_meanwhile(tmp_path, monkeypatch):
+    """On a busy machine the follower's background-priority threads may start after the encoder is done and
+    pydub has copied and deleted its output: the file is opened as the encoder starts, so it is still read."""
+    import shutil
+    import subprocess
+    import sys
+    import threading
+
+    from synth import encode
+
+    from tydust_gen.export import loudness
+    from tydust_gen.export.loudness import _Follower
+
+    go = threading.Event()
+    real = loudness.processes.run_in_background
+    monkeypatch.setattr(loudness.processes, "run_in_background", lambda: (go.wait(60), real()))  # a starved thread
+    output = encode(music(3.0, seed=7), 44_100, tmp_path / "pydub-temp.ogg")
+    writer = subprocess.Popen([sys.executable, "-c", "pass", str(output)])
+    follower = _Follower("ogg", output, circular=False)
+    follower.start(writer)
+    final = shutil.copy(output, tmp_path / "t.ogg")  # pydub copies its output, then deletes it
+    output.unlink()
+    go.set()
+    follower.written(Path(final))
+    writer.wait()
+    assert follower.peak() == encoded_true_peak(final)
+    assert _follower_threads() == [] and _follower_children() == []

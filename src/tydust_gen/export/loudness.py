@@ -250,11 +250,17 @@ class _Follower:
         """The child-start hook: follow the file ``writer``'s command line ends with (only the first child)."""
         if self._reader is not None or self._stop.is_set():
             return
-        path = str(list(writer.args)[-1])  # type: ignore[arg-type]
-        self._reader = threading.Thread(target=self._read, args=(path,), name="tydust-follow", daemon=True)
+        try:
+            # Opened here, as the encoder starts: the follower's threads run at background priority and
+            # may start late on a busy machine, and pydub deletes the file as soon as it has copied it.
+            source = open(str(list(writer.args)[-1]), "rb")  # type: ignore[arg-type]  # noqa: SIM115
+        except (OSError, IndexError, TypeError) as exc:
+            self.failure = exc
+            return
+        self._reader = threading.Thread(target=self._read, args=(source,), name="tydust-follow", daemon=True)
         self._reader.start()
 
-    def _read(self, path: str) -> None:
+    def _read(self, source: Any) -> None:
         feeder = None
         try:
             processes.run_in_background()  # the decoder started here inherits it
@@ -268,7 +274,7 @@ class _Follower:
             if self._stop.is_set():  # abandoned while the decoder started
                 return
             processes.widen_pipe(decoder.stdout, DECODE_PIPE_BYTES)
-            feeder = threading.Thread(target=self._feed, args=(path, decoder), name="tydust-follow-feed", daemon=True)
+            feeder = threading.Thread(target=self._feed, args=(source, decoder), name="tydust-follow-feed", daemon=True)
             feeder.start()
             meter = TruePeakMeter(ENCODED_CHANNELS, circular=self.circular)
             with decoder.stdout:  # type: ignore[union-attr]
@@ -286,25 +292,25 @@ class _Follower:
                 processes.kill_tree(self._decoder)
             if feeder is not None:
                 feeder.join()
+            source.close()
 
-    def _feed(self, path: str, decoder: subprocess.Popen) -> None:
+    def _feed(self, f: Any, decoder: subprocess.Popen) -> None:
         stdin = decoder.stdin
         assert stdin is not None
         try:
             processes.run_in_background()
-            with open(path, "rb") as f:
-                while not self._stop.is_set():
-                    finished = self._done.is_set()  # before the read: an empty read after it is the real end
-                    chunk = f.read(FOLLOW_READ_BYTES)
-                    if chunk:
-                        self._digest.update(chunk)
-                        stdin.write(chunk)
-                    elif finished:
-                        self._fed_all = True
-                        return
-                    else:
-                        self._done.wait(FOLLOW_POLL_S)
-        except Exception as exc:  # noqa: BLE001 - the decoder died (broken pipe), the file went away...
+            while not self._stop.is_set():
+                finished = self._done.is_set()  # before the read: an empty read after it is the real end
+                chunk = f.read(FOLLOW_READ_BYTES)
+                if chunk:
+                    self._digest.update(chunk)
+                    stdin.write(chunk)
+                elif finished:
+                    self._fed_all = True
+                    return
+                else:
+                    self._done.wait(FOLLOW_POLL_S)
+        except Exception as exc:  # noqa: BLE001 - the decoder died (broken pipe), a read failed...
             self._fed_all = False
             self.failure = exc
         finally:
