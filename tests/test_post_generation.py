@@ -191,7 +191,8 @@ def test_a_finished_file_is_measured_at_a_lower_priority(tmp_path, monkeypatch):
 
 
 def _follower_children() -> list[int]:
-    """Our own children that are followers' decoders (ffmpeg reading its stdin), live or not yet reaped."""
+    """Our own live children that are followers' decoders (ffmpeg reading its stdin); a zombie's command
+    line is empty, so only live ones are found (a killed decoder is awaited by the follower itself)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -224,7 +225,8 @@ def _staged_encode(tmp_path: Path, seconds: float, *, circular: bool, ffmpeg: Ff
     return measured, after
 
 
-@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(),
+                    reason="followed only where an open file can be deleted (POSIX); children are read from /proc")
 @pytest.mark.parametrize("circular", [False, True])
 def test_the_ogg_measured_while_encoding_is_the_finished_files_peak(tmp_path, circular):
     """Through the real encoders: the OGG is measured from the bytes as libvorbis writes them, the MP3 once
@@ -237,7 +239,8 @@ def test_the_ogg_measured_while_encoding_is_the_finished_files_peak(tmp_path, ci
     assert _follower_threads() == [] and _follower_children() == []
 
 
-@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(),
+                    reason="followed only where an open file can be deleted (POSIX); children are read from /proc")
 def test_a_follower_decodes_a_file_before_its_writer_has_finished(tmp_path):
     """The file grows in two steps and the second waits until the follower has decoded audio from the first:
     so it measured while the file was incomplete, and its peak is still the whole file's."""
@@ -266,7 +269,8 @@ def test_a_follower_decodes_a_file_before_its_writer_has_finished(tmp_path):
     assert _follower_threads() == [] and _follower_children() == []
 
 
-@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(),
+                    reason="followed only where an open file can be deleted (POSIX); children are read from /proc")
 def test_a_follower_whose_bytes_differ_from_the_file_gives_no_peak(tmp_path):
     import subprocess
     import sys
@@ -279,7 +283,7 @@ def test_a_follower_whose_bytes_differ_from_the_file_gives_no_peak(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", "pass", str(path)])
     follower = _Follower("ogg", path, circular=False)
     follower.start(writer)
-    follower.first_audio.wait(60)
+    assert follower.first_audio.wait(60)
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF  # the file as it ends up is not what was followed
     final = tmp_path / "final.ogg"
@@ -287,9 +291,11 @@ def test_a_follower_whose_bytes_differ_from_the_file_gives_no_peak(tmp_path):
     follower.written(final)
     writer.wait()
     assert follower.peak() is None
+    assert _follower_threads() == [] and _follower_children() == []
 
 
-@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(),
+                    reason="followed only where an open file can be deleted (POSIX); children are read from /proc")
 def test_a_failing_follower_falls_back_to_measuring_the_finished_file(tmp_path, monkeypatch):
     """The follower's decoder fails (an ffmpeg that refuses to read its stdin): the OGG is measured after it
     is written instead, with the same result, and nothing of the follower is left."""
@@ -301,7 +307,8 @@ def test_a_failing_follower_falls_back_to_measuring_the_finished_file(tmp_path, 
     assert _follower_threads() == [] and _follower_children() == []
 
 
-@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(),
+                    reason="followed only where an open file can be deleted (POSIX); children are read from /proc")
 def test_an_ogg_that_fails_to_write_leaves_no_follower_behind(tmp_path, monkeypatch):
     """A full disk as the OGG is written: the error, the staging folder gone, the follower's decoder killed
     and its threads ended before the call returns."""
@@ -314,7 +321,8 @@ def test_an_ogg_that_fails_to_write_leaves_no_follower_behind(tmp_path, monkeypa
     assert _follower_threads() == [] and _follower_children() == []
 
 
-@pytest.mark.skipif(os.name != "posix", reason="followed only where an open file can be deleted (POSIX)")
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(),
+                    reason="followed only where an open file can be deleted (POSIX); children are read from /proc")
 def test_a_follower_starting_late_still_reads_a_file_deleted_meanwhile(tmp_path, monkeypatch):
     """On a busy machine the follower's background-priority threads may start after the encoder is done and
     pydub has copied and deleted its output: the file is opened as the encoder starts, so it is still read."""

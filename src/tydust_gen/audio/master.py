@@ -452,9 +452,12 @@ def one_scan_thread() -> Iterator[None]:
     meter of a decoded 90 s file took 0.66-0.72 s instead of 0.39 s, and :func:`master` 0.6 s instead
     of 0.43 s (docs/BENCHMARKS.md). Each scan here runs on the core it started on instead.
 
-    ``torch.set_num_threads`` is process-wide (threads started inside the block inherit it), so this
-    belongs around stages that run alone in the process, as mastering and export do (the pipeline is
-    sequential); nested blocks leave the outer one's setting alone.
+    ``torch.set_num_threads`` sets the calling thread's count and the one that threads which have not
+    used torch yet will take, which is how the threads a stage starts inside the block get one thread
+    (tested). A long-lived thread whose first torch work falls inside the block would keep one thread,
+    so this belongs around stages that run alone in the process, as mastering and export do (the
+    pipeline is sequential, and the threads they start end with them); nested blocks leave the outer
+    one's setting alone.
     """
     import torch
 
@@ -462,8 +465,8 @@ def one_scan_thread() -> Iterator[None]:
     if saved == 1:
         yield
         return
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(1)
         yield
     finally:
         torch.set_num_threads(saved)

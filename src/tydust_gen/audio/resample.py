@@ -37,9 +37,15 @@ def _resampler(orig: int, new: int):
     )  # fmt: skip
 
 
+def resampled_length(n: int, orig: int, new: int) -> int:
+    """``ceil(n x new / orig)``, in integers (torchaudio computes it in float32 and can come out one short)."""
+    return -(-n * new // orig)
+
+
 def _resample_into(samples, orig: int, new: int, out) -> None:
     """Resample ``samples`` ``[C, N]`` (C = 1 fills every row of ``out``) into ``out`` ``[C', M]``: its first
-    ``M`` samples of ``ceil(N x new / orig)``, as torchaudio's one-call ``resample`` gives them.
+    ``M <= resampled_length(N)`` samples, as torchaudio's one-call ``resample`` gives them for ``samples``
+    followed by silence (which it assumes past the end anyway).
 
     The resampler maps each period of ``orig / g`` input samples (g = gcd) onto ``new / g`` output samples.
     A piece of whole periods, read with a period-aligned margin wider than the filter's reach on each
@@ -57,28 +63,34 @@ def _resample_into(samples, orig: int, new: int, out) -> None:
     margin = -(-resampler.width // period_in) * period_in + period_in  # whole periods, past the filter's reach
     n, m = samples.shape[-1], out.shape[-1]
     step = RESAMPLE_PIECE_FRAMES * period_in
+    done = 0
     with torch.inference_mode():
         for start in range(0, n, step):
             first = start // period_in * period_out  # output index of this piece's first period
             if first >= m:
                 break
             lo, hi = max(0, start - margin), min(n, start + step + margin)
-            piece = resampler(samples[:, lo:hi].float())
+            piece = samples[:, lo:hi].float()
+            if hi == n:  # a period of silence after the end, so torchaudio's float32 length cannot cut it short
+                piece = torch.nn.functional.pad(piece, (0, period_in))
+            piece = resampler(piece)
             skip = (start - lo) // period_in * period_out
             count = min(step // period_in * period_out, m - first, piece.shape[-1] - skip)
             out[:, first : first + count] = piece[:, skip : skip + count]
+            done = first + count
+    if done != m:  # every output sample is written: out may come from torch.empty
+        raise AssertionError(f"resampling wrote {done} of {m} samples")
 
 
 def resample(wave: Waveform, rate: int = TARGET_SAMPLE_RATE) -> Waveform:
     """Resample ``[C, N]`` to ``rate`` Hz with the high-quality Kaiser parameters above (a piece at a time)."""
-    import math
 
     import torch
 
     if wave.sample_rate == rate:
         return wave
     n = wave.samples.shape[-1]
-    out = torch.empty(wave.samples.shape[0], math.ceil(n * rate / wave.sample_rate), dtype=torch.float32)
+    out = torch.empty(wave.samples.shape[0], resampled_length(n, wave.sample_rate, rate), dtype=torch.float32)
     _resample_into(wave.samples, wave.sample_rate, rate, out)
     return Waveform(samples=out, sample_rate=rate)
 
@@ -111,7 +123,6 @@ def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
     Raises:
         GenerationError: memory ran out (one line, with what to do).
     """
-    import math
 
     import torch
 
@@ -124,7 +135,7 @@ def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
         # Straight into the final [2, n]: both sides of a mono track, past the resampled end zeros (as
         # fit_length pads), and nothing of the track held twice.
         out = torch.empty(TARGET_CHANNELS, n, dtype=torch.float32)
-        have = min(n, math.ceil(wave.samples.shape[-1] * TARGET_SAMPLE_RATE / wave.sample_rate))
+        have = min(n, resampled_length(wave.samples.shape[-1], wave.sample_rate, TARGET_SAMPLE_RATE))
         out[:, have:] = 0.0
         _resample_into(wave.samples, wave.sample_rate, TARGET_SAMPLE_RATE, out[:, :have])
         return Waveform(samples=out, sample_rate=TARGET_SAMPLE_RATE)

@@ -257,8 +257,14 @@ class _Follower:
         except (OSError, IndexError, TypeError) as exc:
             self.failure = exc
             return
-        self._reader = threading.Thread(target=self._read, args=(source,), name="tydust-follow", daemon=True)
-        self._reader.start()
+        reader = threading.Thread(target=self._read, args=(source,), name="tydust-follow", daemon=True)
+        try:
+            reader.start()
+        except RuntimeError as exc:  # no thread to be had: the file is measured after it is written
+            source.close()
+            self.failure = exc
+            return
+        self._reader = reader
 
     def _read(self, source: Any) -> None:
         feeder = None
@@ -292,6 +298,11 @@ class _Follower:
                 processes.kill_tree(self._decoder)
             if feeder is not None:
                 feeder.join()
+            if self._decoder is not None:
+                for pipe in (self._decoder.stdin, self._decoder.stdout):
+                    with contextlib.suppress(OSError, ValueError):
+                        if pipe is not None:
+                            pipe.close()
             source.close()
 
     def _feed(self, f: Any, decoder: subprocess.Popen) -> None:
@@ -306,6 +317,7 @@ class _Follower:
                     self._digest.update(chunk)
                     stdin.write(chunk)
                 elif finished:
+                    stdin.close()  # flushes the last bytes: only then has everything been fed
                     self._fed_all = True
                     return
                 else:
@@ -314,7 +326,7 @@ class _Follower:
             self._fed_all = False
             self.failure = exc
         finally:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 stdin.close()  # the decoder's end of input, whatever happened: it must not wait for more
 
     def written(self, dest: Path) -> None:
