@@ -253,7 +253,7 @@ def test_beat_phase_of_plain_loops_of_recorded_music_is_what_their_length_predic
     from tydust_gen.export.ffmpeg import find_ffmpeg
     from tydust_gen.runs.mastering import _to_44k1, read_audio
 
-    samples, rate = read_audio(find_ffmpeg(), house_lo)
+    samples, rate, _ = read_audio(find_ffmpeg(), house_lo)
     x = master_stage.remove_dc(_to_44k1(samples, rate), 44_100)
     grid = detect_beats(x, 44_100)
     period_ms = 60_000.0 / grid.bpm
@@ -264,3 +264,22 @@ def test_beat_phase_of_plain_loops_of_recorded_music_is_what_their_length_predic
     assert report.beat_judged and abs(report.beat_phase_ms - expected) <= 5.0, (report.beat_phase_ms, expected)
     assert report.passed == (abs(expected) <= loop_stage.SEAM_BEAT_TOLERANCE_MS and report.step_score <= report.step_threshold
                              and report.flux <= report.flux_threshold)  # fmt: skip
+
+
+def test_a_rate_the_resampler_cannot_take_is_converted_by_ffmpeg_first(tmp_path, run_cli):
+    """44,099 Hz shares no factor with 44.1 kHz: torchaudio's filter bank for it would take 7.8 GB. The file
+    is decoded at 48 kHz by ffmpeg instead and mastered as usual; the record keeps both rates."""
+    from tydust_gen.audio import resample as audio
+    from tydust_gen.base.errors import UsageError
+    from tydust_gen.base.waveform import Waveform
+
+    import torch
+
+    assert audio.filter_bank_bytes(44_099, 44_100) > 1e9
+    with pytest.raises(UsageError, match="44099 Hz audio cannot be resampled"):
+        audio.resample(Waveform(torch.zeros(1, 10), 44_099))
+    odd = write_wav(tmp_path / "odd.wav", groove(6.0, bpm=120.0, sr=44_099), sr=44_099)
+    (track,), _ = master_json(run_cli, str(odd), "-o", str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "odd.json").read_text())
+    assert (record["source"]["sample_rate"], record["source"]["decoded_rate"]) == (44_099, 48_000)
+    assert abs(decode_audio(tmp_path / "out" / "odd.ogg").shape[1] - 6.0 * 44_100) <= 2

@@ -12,6 +12,7 @@ nothing is clamped here.
 from __future__ import annotations
 
 from tydust_gen.base import memory
+from tydust_gen.base.errors import UsageError
 from tydust_gen.base.waveform import Waveform
 
 TARGET_SAMPLE_RATE = 44_100  # Hz, what game engines expect
@@ -35,6 +36,21 @@ def _resampler(orig: int, new: int):
         orig, new, resampling_method="sinc_interp_kaiser", lowpass_filter_width=RESAMPLE_LOWPASS_WIDTH,
         rolloff=RESAMPLE_ROLLOFF, beta=RESAMPLE_BETA, dtype=torch.float32,  # the bank resample() builds for float32
     )  # fmt: skip
+
+
+RESAMPLE_BANK_LIMIT_BYTES = 64 << 20  # the largest filter bank resample() builds (32 kHz -> 44.1 kHz: 0.8 MB)
+
+
+def filter_bank_bytes(orig: int, new: int) -> int:
+    """Bytes of torchaudio's filter bank for ``orig`` -> ``new`` Hz with the parameters above: one row of
+    ``2 x width + orig / g`` taps for each of the ``new / g`` output phases (g = gcd). Rates that share few
+    factors make it huge: 44,099 Hz -> 44.1 kHz would need 7.8 GB."""
+    import math
+
+    g = math.gcd(orig, new)
+    period_in, period_out = orig // g, new // g
+    width = math.ceil(RESAMPLE_LOWPASS_WIDTH * period_in / (min(period_in, period_out) * RESAMPLE_ROLLOFF))
+    return 4 * period_out * (2 * width + period_in)
 
 
 def resampled_length(n: int, orig: int, new: int) -> int:
@@ -89,6 +105,11 @@ def resample(wave: Waveform, rate: int = TARGET_SAMPLE_RATE) -> Waveform:
 
     if wave.sample_rate == rate:
         return wave
+    if filter_bank_bytes(wave.sample_rate, rate) > RESAMPLE_BANK_LIMIT_BYTES:
+        raise UsageError(
+            f"{wave.sample_rate} Hz audio cannot be resampled to {rate} Hz here (its filter would need "
+            f"{filter_bank_bytes(wave.sample_rate, rate) / 1e9:.1f} GB); convert it to 44.1 or 48 kHz first"
+        )
     n = wave.samples.shape[-1]
     out = torch.empty(wave.samples.shape[0], resampled_length(n, wave.sample_rate, rate), dtype=torch.float32)
     _resample_into(wave.samples, wave.sample_rate, rate, out)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from tydust_gen.base import processes
+from tydust_gen.base.digest import sha256_file
 from tydust_gen.base.errors import ExportError, SettingsError
 from tydust_gen.audio.master import (
     SILENCE_DB, DEFAULT_CEILING_DBTP, DEFAULT_TARGET_LUFS, MasterResult, TruePeakMeter, master, one_scan_thread,
@@ -331,8 +332,6 @@ class _Follower:
 
     def written(self, dest: Path) -> None:
         """The encoder is done and its bytes are in ``dest``: decode the rest, then compare the bytes."""
-        from tydust_gen.export.verify import sha256_file
-
         self._done.set()
         if self._reader is not None:
             self._reader.join(FOLLOW_FINISH_S)

@@ -6,12 +6,12 @@ verified: lengths come from the audio stream, never from a search of the bytes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from tydust_gen.audio.resample import TARGET_CHANNELS, TARGET_SAMPLE_RATE
+from tydust_gen.base.digest import sha256_file
 from tydust_gen.base.errors import ExportError
 
 MP3_BITRATE_BPS = 192_000
@@ -62,13 +62,6 @@ class ExportedFile:
     channels: int
     sha256: str
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _id3v2_end(f: BinaryIO) -> int | None:

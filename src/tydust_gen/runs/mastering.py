@@ -67,6 +67,8 @@ class SourceAudio:
         peak_dbfs: largest absolute sample, dBFS.
         sha256: of the file's bytes.
         size_bytes: file size.
+        decoded_rate: the rate it was decoded at: its own, or 48 kHz when ffmpeg converted it
+            (:func:`read_audio`).
     """
 
     path: Path
@@ -76,6 +78,7 @@ class SourceAudio:
     peak_dbfs: float
     sha256: str
     size_bytes: int
+    decoded_rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,17 +156,36 @@ def _parse_wav(data: bytes, path: Path) -> tuple[np.ndarray, int]:
     raise UsageError(f"{path}: ffmpeg found no audio samples in it; pass an audio file")
 
 
-def read_audio(ffmpeg: Ffmpeg, path: Path) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream of any file ffmpeg reads to float32 stereo ``[2, N]`` at its own rate.
+FALLBACK_DECODE_RATE = 48_000  # Hz; what ffmpeg converts a file to when our resampler cannot take its rate
+
+
+def read_audio(ffmpeg: Ffmpeg, path: Path) -> tuple[np.ndarray, int, int]:
+    """Decode the first audio stream of any file ffmpeg reads to float32 stereo ``[2, N]``.
+
+    At the file's own rate, unless the generator's resampler cannot take that rate in bounded memory
+    (:func:`~tydust_gen.audio.resample.filter_bank_bytes`: rates sharing few factors with 44.1 kHz,
+    such as 44,099 Hz or 44,056 Hz): such a file is decoded again at 48 kHz by ffmpeg's own resampler.
+
+    Returns:
+        ``(samples, their rate, the file's rate)``.
 
     Raises:
         UsageError: the file is missing, unreadable, or has no audio stream (ffmpeg's reason included).
     """
     if not path.is_file():
         raise UsageError(f"{path} does not exist or is not a file; pass an audio file")
+    samples, rate = _decode(ffmpeg, path, None)
+    if audio.filter_bank_bytes(rate, audio.TARGET_SAMPLE_RATE) <= audio.RESAMPLE_BANK_LIMIT_BYTES:
+        return samples, rate, rate
+    del samples
+    samples, decoded = _decode(ffmpeg, path, FALLBACK_DECODE_RATE)
+    return samples, decoded, rate
+
+
+def _decode(ffmpeg: Ffmpeg, path: Path, rate: int | None) -> tuple[np.ndarray, int]:
     cmd = [
         ffmpeg.path, "-nostdin", "-hide_banner", "-v", "error", "-i", os.fspath(path), "-map", "0:a:0",
-        "-ac", str(audio.TARGET_CHANNELS), "-f", "wav", "-acodec", "pcm_f32le", "-",
+        "-ac", str(audio.TARGET_CHANNELS), *(["-ar", str(rate)] if rate else []), "-f", "wav", "-acodec", "pcm_f32le", "-",
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
@@ -176,12 +198,13 @@ def read_audio(ffmpeg: Ffmpeg, path: Path) -> tuple[np.ndarray, int]:
     return _parse_wav(proc.stdout, path)
 
 
-def _source_facts(path: Path, samples: np.ndarray, rate: int) -> SourceAudio:
+def _source_facts(path: Path, samples: np.ndarray, rate: int, file_rate: int) -> SourceAudio:
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     peak_dbfs = 20.0 * np.log10(peak) if peak > 0 else -np.inf
     if peak_dbfs < SILENT_PEAK_DBFS:
         raise UsageError(f"{path} is silent (peak below {SILENT_PEAK_DBFS:g} dBFS); there is nothing to master")
-    return SourceAudio(path, rate, samples.shape[0], samples.shape[1] / rate, peak_dbfs, sha256_file(path), path.stat().st_size)
+    return SourceAudio(path, file_rate, samples.shape[0], samples.shape[1] / rate, peak_dbfs, sha256_file(path),
+                       path.stat().st_size, decoded_rate=rate)  # fmt: skip
 
 
 def _to_44k1(samples: np.ndarray, rate: int) -> np.ndarray:
@@ -219,8 +242,8 @@ def plan_file(path: Path, request: MasterRequest, ffmpeg: Ffmpeg) -> MasterPlan:
         OutputDirError: the output folder cannot be written.
     """
     cli = request.cli_settings
-    samples, rate = read_audio(ffmpeg, path)
-    source = _source_facts(path, samples, rate)
+    samples, rate, file_rate = read_audio(ffmpeg, path)
+    source = _source_facts(path, samples, rate, file_rate)
     duration = parse_duration(cli["duration"]) if cli.get("duration") is not None else None
     bpm = parse_bpm(cli["bpm"]) if cli.get("bpm") is not None else None
     mastering = resolve_mastering(cli, {}, duration if duration is not None else source.duration_s)
@@ -283,7 +306,7 @@ def render_file(plan: MasterPlan, *, ffmpeg: Ffmpeg, overwrite: bool) -> TrackRe
     t0 = time.perf_counter()
     m = plan.mastering
     sr = audio.TARGET_SAMPLE_RATE
-    samples, rate = read_audio(ffmpeg, plan.source.path)
+    samples, rate, _ = read_audio(ffmpeg, plan.source.path)
     raw = _to_44k1(samples, rate)
     dc_offset = [_num(v) for v in raw.mean(axis=1)]
     x = _prepare(plan, samples, rate)
@@ -369,6 +392,7 @@ def build_record(plan: MasterPlan, result: TrackResult, *, ffmpeg: Ffmpeg) -> di
             "sha256": src.sha256,
             "size_bytes": src.size_bytes,
             "sample_rate": src.sample_rate,
+            "decoded_rate": src.decoded_rate,
             "channels_decoded": src.channels,
             "duration_s": round(src.duration_s, 6),
             "peak_dbfs": _num(src.peak_dbfs),
