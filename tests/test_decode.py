@@ -230,10 +230,10 @@ def test_cli_out_of_memory_in_decode_writes_nothing(workdir, run_cli, monkeypatc
 
 
 def test_cli_out_of_memory_in_resample_writes_nothing(workdir, run_cli, monkeypatch, private_tmp):
-    import torchaudio.functional
+    import torchaudio.transforms
 
     exc = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes.")
-    monkeypatch.setattr(torchaudio.functional, "resample", raising(exc))
+    monkeypatch.setattr(torchaudio.transforms.Resample, "forward", raising(exc))  # the resampler, on any piece
     result = run_cli("game_over", "-d", "0.4", "-o", "out", "--backend", "stock")
     assert result.exit_code == 1
     line = f"error: game_over: the computer ran out of memory while resampling to 44.1 kHz; {ADVICE['computer']}"
