@@ -93,3 +93,26 @@ def test_low_frequency_response_of_the_whole_chain(decoded_takes, fmt):
     measured = {f: round(levels[f] - levels[REFERENCE_HZ], 2) for f, _, _ in EXPECTED}
     for freq, expected_db, tolerance_db in EXPECTED:
         assert measured[freq] == pytest.approx(expected_db, abs=tolerance_db), (fmt, measured)
+
+
+def test_the_libraries_after_the_model_are_imported_in_the_background():
+    """A fresh interpreter: import_in_background loads the modules in a daemon thread (a name that fails is
+    skipped quietly and the rest still load), so the stages after the model do not pay scipy.signal's import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tydust_gen.runs.pipeline import AFTER_MODEL_MODULES, import_in_background\n"
+        "assert 'scipy.signal' not in sys.modules\n"
+        "t = import_in_background(AFTER_MODEL_MODULES)\n"
+        "assert t.daemon\n"
+        "t.join()\n"
+        "assert all(m in sys.modules for m in AFTER_MODEL_MODULES), AFTER_MODEL_MODULES\n"
+        "assert 'wave' not in sys.modules\n"
+        "import_in_background(['no_such_module_here', 'wave']).join()\n"
+        "assert 'wave' in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
