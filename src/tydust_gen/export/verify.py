@@ -63,7 +63,6 @@ class ExportedFile:
     sha256: str
 
 
-
 def _id3v2_end(f: BinaryIO) -> int | None:
     """Offset just past the ID3v2 tag(s) at the start of ``f`` (0 when there is none).
 
