@@ -278,6 +278,10 @@ def test_a_rate_the_resampler_cannot_take_is_converted_by_ffmpeg_first(tmp_path,
     assert audio.filter_bank_bytes(44_099, 44_100) > 1e9
     with pytest.raises(UsageError, match="44099 Hz audio cannot be resampled"):
         audio.resample(Waveform(torch.zeros(1, 10), 44_099))
+    with pytest.raises(UsageError, match="44099 Hz audio cannot be resampled"):
+        audio.to_44k1_stereo(Waveform(torch.zeros(1, 10), 44_099), 1.0)
+    for rate in (4_000, 8_000, 11_025, 16_000, 22_050, 24_000, 32_000, 48_000, 88_200, 96_000, 192_000, 768_000):
+        assert audio.filter_bank_bytes(rate, 44_100) <= audio.RESAMPLE_BANK_LIMIT_BYTES, rate
     odd = write_wav(tmp_path / "odd.wav", groove(6.0, bpm=120.0, sr=44_099), sr=44_099)
     (track,), _ = master_json(run_cli, str(odd), "-o", str(tmp_path / "out"))
     record = json.loads((tmp_path / "out" / "odd.json").read_text())

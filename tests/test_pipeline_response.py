@@ -116,3 +116,28 @@ def test_the_libraries_after_the_model_are_imported_in_the_background():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_a_run_starts_the_background_imports_once_the_model_is_loaded_and_before_generation(workdir, run_cli, monkeypatch):
+    """The real command: the imports start once per track, in render_takes (the model is loaded by then), and
+    before the first generation step."""
+    from tydust_gen.model import generate
+    from tydust_gen.runs import pipeline
+
+    events: list[str] = []
+    start = pipeline.import_in_background
+    real_generate = generate.generate_codes
+
+    def started(modules):
+        events.append(f"imports {','.join(modules)}")
+        return start(modules)
+
+    def generating(loaded, *args, **kwargs):
+        events.append(f"generate with {type(loaded).__name__}")
+        return real_generate(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "import_in_background", started)
+    monkeypatch.setattr(generate, "generate_codes", generating)
+    result = run_cli("game_over", "-d", "0.4", "-o", "out", "--backend", "stock")
+    assert result.exit_code == 0, result.stderr
+    assert events == [f"imports {','.join(pipeline.AFTER_MODEL_MODULES)}", "generate with LoadedModel"]

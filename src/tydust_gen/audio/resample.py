@@ -38,7 +38,8 @@ def _resampler(orig: int, new: int):
     )  # fmt: skip
 
 
-RESAMPLE_BANK_LIMIT_BYTES = 64 << 20  # the largest filter bank resample() builds (32 kHz -> 44.1 kHz: 0.8 MB)
+RESAMPLE_BANK_LIMIT_BYTES = 8 << 20  # the largest filter bank built: every standard rate from 4 to 768 kHz needs
+# at most 2.9 MB (32 kHz -> 44.1 kHz: 0.8 MB); a bank near 64 MB already took a second per second of audio
 
 
 def filter_bank_bytes(orig: int, new: int) -> int:
@@ -73,6 +74,11 @@ def _resample_into(samples, orig: int, new: int, out) -> None:
 
     import torch
 
+    if filter_bank_bytes(orig, new) > RESAMPLE_BANK_LIMIT_BYTES:
+        raise UsageError(
+            f"{orig} Hz audio cannot be resampled to {new} Hz here (its filter would need "
+            f"{filter_bank_bytes(orig, new) / 1e6:,.0f} MB); convert it to 44.1 or 48 kHz first"
+        )
     g = math.gcd(orig, new)
     period_in, period_out = orig // g, new // g
     resampler = _resampler(orig, new)
@@ -105,11 +111,6 @@ def resample(wave: Waveform, rate: int = TARGET_SAMPLE_RATE) -> Waveform:
 
     if wave.sample_rate == rate:
         return wave
-    if filter_bank_bytes(wave.sample_rate, rate) > RESAMPLE_BANK_LIMIT_BYTES:
-        raise UsageError(
-            f"{wave.sample_rate} Hz audio cannot be resampled to {rate} Hz here (its filter would need "
-            f"{filter_bank_bytes(wave.sample_rate, rate) / 1e9:.1f} GB); convert it to 44.1 or 48 kHz first"
-        )
     n = wave.samples.shape[-1]
     out = torch.empty(wave.samples.shape[0], resampled_length(n, wave.sample_rate, rate), dtype=torch.float32)
     _resample_into(wave.samples, wave.sample_rate, rate, out)
@@ -143,6 +144,8 @@ def to_44k1_stereo(wave: Waveform, duration_s: float) -> Waveform:
 
     Raises:
         GenerationError: memory ran out (one line, with what to do).
+        UsageError: the model's rate shares too few factors with 44.1 kHz for the resampler
+            (:func:`filter_bank_bytes`; every MusicGen checkpoint is 32 kHz).
     """
 
     import torch
