@@ -256,7 +256,7 @@ def test_a_follower_decodes_a_file_before_its_writer_has_finished(tmp_path):
     growing = tmp_path / "growing.ogg"
     growing.write_bytes(b"")
     writer = subprocess.Popen([sys.executable, "-c", "pass", str(growing)])  # its last argument names the file
-    follower = _Follower("ogg", growing, circular=False)
+    follower = _Follower("ogg", circular=False)
     follower.start(writer)
     with open(growing, "ab") as f:
         f.write(data[: len(data) * 2 // 3])
@@ -281,7 +281,7 @@ def test_a_follower_whose_bytes_differ_from_the_file_gives_no_peak(tmp_path):
 
     path = encode(music(3.0, seed=6), 44_100, tmp_path / "a.ogg")
     writer = subprocess.Popen([sys.executable, "-c", "pass", str(path)])
-    follower = _Follower("ogg", path, circular=False)
+    follower = _Follower("ogg", circular=False)
     follower.start(writer)
     assert follower.first_audio.wait(60)
     data = bytearray(path.read_bytes())
@@ -341,7 +341,7 @@ def test_a_follower_starting_late_still_reads_a_file_deleted_meanwhile(tmp_path,
     monkeypatch.setattr(loudness.processes, "run_in_background", lambda: (go.wait(60), real()))  # a starved thread
     output = encode(music(3.0, seed=7), 44_100, tmp_path / "pydub-temp.ogg")
     writer = subprocess.Popen([sys.executable, "-c", "pass", str(output)])
-    follower = _Follower("ogg", output, circular=False)
+    follower = _Follower("ogg", circular=False)
     follower.start(writer)
     final = shutil.copy(output, tmp_path / "t.ogg")  # pydub copies its output, then deletes it
     output.unlink()

@@ -873,6 +873,7 @@ def _limit(
     return out, -gain_to_db(float(gain.min())), gain_to_db(peak), level
 
 
+@one_scan_thread()  # the loudness meter runs beside the true-peak scan
 def master(
     samples: Any,
     sample_rate: int,
@@ -934,26 +935,6 @@ def master(
     if target_lufs is not None and not -70.0 <= target_lufs <= 0.0:
         raise SettingsError(f"target loudness must be between -70 and 0 LUFS, got {target_lufs}")
 
-    with one_scan_thread():  # the loudness meter runs beside the true-peak scan
-        return _master(
-            samples, sample_rate, target_lufs=target_lufs, ceiling_dbtp=ceiling_dbtp, margin_db=margin_db,
-            limiter=limiter, max_limiting_db=max_limiting_db, highpass_hz=highpass_hz, circular=circular,
-        )  # fmt: skip
-
-
-def _master(
-    samples: Any,
-    sample_rate: int,
-    *,
-    target_lufs: float | None,
-    ceiling_dbtp: float,
-    margin_db: float,
-    limiter: bool,
-    max_limiting_db: float,
-    highpass_hz: float | None,
-    circular: bool,
-) -> MasterResult:
-    """:func:`master` once its settings are checked."""
     raw = np.ascontiguousarray(as_audio(samples, copy=False), dtype=np.float32)  # only read: outputs are new arrays
     dc = tuple(float(v) for v in raw.mean(axis=1, dtype=np.float64))
     if highpass_hz is None:

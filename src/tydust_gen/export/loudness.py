@@ -128,11 +128,7 @@ def decoded_pieces(
     Raises:
         ExportError: ffmpeg could not decode the file (its stderr is included).
     """
-    cmd = [
-        ffmpeg_exe(), "-nostdin", "-v", "error", "-i", os.fspath(path),
-        "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate),
-        *(["-t", f"{max_seconds:.6f}"] if max_seconds is not None else []), "-",
-    ]  # fmt: skip
+    cmd = _decoder_command(["-i", os.fspath(path)], channels, sample_rate, max_seconds)
     # stderr to a file, so a chatty decoder cannot fill a pipe nobody reads
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
@@ -149,6 +145,15 @@ def decoded_pieces(
             errors.seek(0)
             stderr = errors.read().decode("utf-8", "replace").strip()
             raise ExportError(f"could not decode {path}{purpose}: {stderr}")
+
+
+def _decoder_command(source: list[str], channels: int, sample_rate: int, max_seconds: float | None = None) -> list[str]:
+    """ffmpeg decoding ``source`` (its input options) to interleaved float32 on stdout."""
+    return [
+        ffmpeg_exe(), "-nostdin", "-v", "error", *source,
+        "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate),
+        *(["-t", f"{max_seconds:.6f}"] if max_seconds is not None else []), "-",
+    ]  # fmt: skip
 
 
 def _float_pieces(pipe: Any, channels: int, piece_frames: int) -> Iterator[np.ndarray]:
@@ -235,8 +240,8 @@ class _Follower:
     differs) gives None, and the caller measures the file itself.
     """
 
-    def __init__(self, fmt: str, dest: Path, *, circular: bool):
-        self.fmt, self.dest, self.circular = fmt, dest, circular
+    def __init__(self, fmt: str, *, circular: bool):
+        self.fmt, self.circular = fmt, circular
         self._done = threading.Event()  # the writer has finished the file: read to its end, then stop
         self._stop = threading.Event()  # abandoned: stop at once
         self._digest = hashlib.sha256()
@@ -271,10 +276,7 @@ class _Follower:
         feeder = None
         try:
             processes.run_in_background()  # the decoder started here inherits it
-            cmd = [
-                ffmpeg_exe(), "-nostdin", "-v", "error", "-f", self.fmt, "-i", "pipe:0",
-                "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(ENCODED_CHANNELS), "-ar", str(ENCODED_SAMPLE_RATE), "pipe:1",
-            ]  # fmt: skip
+            cmd = _decoder_command(["-f", self.fmt, "-i", "pipe:0"], ENCODED_CHANNELS, ENCODED_SAMPLE_RATE)
             decoder = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                        **processes.new_group_options())  # fmt: skip
             self._decoder = decoder
@@ -379,7 +381,7 @@ class EncodedPeaks:
         """A follower for the encode of ``dest`` as ``fmt``, or None where the file is measured after."""
         if fmt not in FOLLOWED_FORMATS or os.name != "posix":
             return None
-        follower = _Follower(fmt, Path(dest), circular=self.circular)
+        follower = _Follower(fmt, circular=self.circular)
         with self._lock:
             self._followers[Path(dest)] = follower
         return follower
@@ -433,6 +435,7 @@ def ceiling_margin_for(
     return current_margin_db + excess + ENCODE_MARGIN_EXTRA_DB
 
 
+@one_scan_thread()  # encoders, decoders and meters run side by side; each scan keeps to its core
 def master_for_encoding(
     samples: Any,
     sample_rate: int,
@@ -469,26 +472,6 @@ def master_for_encoding(
     """
     if max_tries < 1:
         raise SettingsError(f"max_tries must be at least 1, got {max_tries}")
-    with one_scan_thread():  # encoders, decoders and meters run side by side; each scan keeps to its core
-        return _master_for_encoding(
-            samples, sample_rate, encode, target_lufs=target_lufs, ceiling_dbtp=ceiling_dbtp,
-            initial_margin_db=initial_margin_db, max_tries=max_tries, circular=circular, **master_options,
-        )  # fmt: skip
-
-
-def _master_for_encoding(
-    samples: Any,
-    sample_rate: int,
-    encode: Callable[[MasterResult], Sequence[str | os.PathLike[str] | MeasuredFile]],
-    *,
-    target_lufs: float | None,
-    ceiling_dbtp: float,
-    initial_margin_db: float,
-    max_tries: int,
-    circular: bool,
-    **master_options: Any,
-) -> EncodedMasterResult:
-    """:func:`master_for_encoding` once ``max_tries`` is checked."""
     margin = initial_margin_db
     for attempt in range(1, max_tries + 1):
         result = master(

@@ -215,9 +215,8 @@ def _to_44k1(samples: np.ndarray, rate: int) -> np.ndarray:
     return wave.samples.numpy()
 
 
-def _prepare(plan: MasterPlan, samples: np.ndarray, rate: int) -> np.ndarray:
-    """Resampled, trimmed (no loop: to ``duration_s``) and DC-free audio of a planned file."""
-    x = _to_44k1(samples, rate)
+def _prepare(plan: MasterPlan, x: np.ndarray) -> np.ndarray:
+    """Trimmed (no loop: to ``duration_s``) and DC-free audio of a planned file, from its 44.1 kHz audio ``x``."""
     if plan.duration_s is not None and not plan.mastering.loop:
         x = x[:, : int(round(plan.duration_s * audio.TARGET_SAMPLE_RATE))]
     return master_stage.remove_dc(x, audio.TARGET_SAMPLE_RATE)
@@ -267,7 +266,7 @@ def plan_file(path: Path, request: MasterRequest, ffmpeg: Ffmpeg) -> MasterPlan:
     plan = MasterPlan(source, name, dest, mastering, duration, bpm)
     if mastering.loop:
         # Track the beat and fit the loop now: a loop that cannot fit is refused before anything is written.
-        x = _prepare(plan, samples, rate)
+        x = _prepare(plan, _to_44k1(samples, rate))
         plan = _fit_loop(plan, x)
     return plan
 
@@ -309,7 +308,7 @@ def render_file(plan: MasterPlan, *, ffmpeg: Ffmpeg, overwrite: bool) -> TrackRe
     samples, rate, _ = read_audio(ffmpeg, plan.source.path)
     raw = _to_44k1(samples, rate)
     dc_offset = [_num(v) for v in raw.mean(axis=1)]
-    x = _prepare(plan, samples, rate)
+    x = _prepare(plan, raw)  # resampled once: raw is only read (remove_dc returns a new array)
     loop_info = None
     looped = None
     if m.loop:
